@@ -1,0 +1,197 @@
+"""The `regioncl` command: one subcommand per pipeline stage.
+
+Snakemake rules call these; users can run the same commands by hand. Heavy imports (torch,
+OpenCV) happen inside each subcommand so `regioncl --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _settings(value: str) -> dict[str, Any]:
+    """`--settings` takes inline JSON (what the rules pass) or a path to a YAML/JSON file."""
+    text = value
+    if not value.lstrip().startswith("{"):
+        path = Path(value)
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(f"--settings: {value!r} is neither a JSON object nor a file")
+        text = path.read_text()
+    loaded = yaml.safe_load(text)
+    if not isinstance(loaded, dict):
+        raise argparse.ArgumentTypeError(f"--settings: expected a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def _cmd_embedded(args: argparse.Namespace) -> None:
+    from regioncl.data.embedded import EmbeddedSettings, generate_embedded
+
+    generate_embedded(args.out, EmbeddedSettings.from_dict(args.settings))
+
+
+def _cmd_images(args: argparse.Namespace) -> None:
+    from regioncl.data.sources import list_images, write_image_list
+
+    entries = list_images(args.layout, args.root)
+    write_image_list(entries, args.out)
+    print(f"{len(entries)} images listed from {args.root} ({args.layout}) into {args.out}", file=sys.stderr)
+
+
+def _cmd_proposals_run(args: argparse.Namespace) -> None:
+    from regioncl.proposals import ProposalSettings, run_chunk
+
+    run_chunk(
+        args.list,
+        int(args.chunk),
+        args.num_chunks,
+        args.out,
+        args.report,
+        ProposalSettings.from_dict(args.settings),
+        processes=args.processes,
+    )
+
+
+def _cmd_shards(args: argparse.Namespace) -> None:
+    from regioncl.data.shards import write_shard
+
+    count = write_shard(args.proposals, args.out)
+    print(f"{count} samples written to {args.out}", file=sys.stderr)
+
+
+def _launched_distributed() -> bool:
+    """True inside a torchrun worker or a multi-task SLURM step (rank comes from the env)."""
+    return "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> None:
+    if args.nproc_per_node > 1 and not _launched_distributed():
+        # One process per device: re-launch this same command under torchrun.
+        torchrun = shutil.which("torchrun") or "torchrun"
+        argv = [a for a in sys.argv[1:]]
+        command = [torchrun, "--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "regioncl.cli", *argv]
+        env = {**os.environ, "REGIONCL_LAUNCHED": "1"}
+        raise SystemExit(subprocess.call(command, env=env))
+    from regioncl.engine import PretrainSettings, pretrain
+
+    pretrain(PretrainSettings.from_dict(args.settings), args.shards, args.out, args.workdir)
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from regioncl.convert import convert_checkpoint
+
+    report = convert_checkpoint(args.checkpoint, args.torchvision, args.detectron2)
+    print(report, file=sys.stderr)
+
+
+def _weights(value: str) -> Path | None:
+    return None if value == "none" else Path(value)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from regioncl.transfer import BenchmarkSettings, finetune
+
+    finetune(BenchmarkSettings.from_dict(args.settings), args.weights, args.seed, args.out, args.workdir)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from regioncl.transfer import BenchmarkSettings, evaluate
+
+    record = {"run": args.run, "method": args.method, "seed": args.seed}
+    metrics = evaluate(BenchmarkSettings.from_dict(args.settings), args.model, args.out, record=record)
+    print(json.dumps(metrics["metrics"], indent=2), file=sys.stderr)
+
+
+def _cmd_tables(args: argparse.Namespace) -> None:
+    from regioncl.tables import write_summary
+
+    table = write_summary(args.metrics, args.markdown, args.csv)
+    print(f"{len(table)} rows written to {args.markdown} and {args.csv}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="regioncl", description=__doc__.splitlines()[0])
+    stages = parser.add_subparsers(dest="stage", required=True)
+
+    p = stages.add_parser("embedded", help="generate the embedded default dataset")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--settings", type=_settings, default={})
+    p.set_defaults(func=_cmd_embedded)
+
+    p = stages.add_parser("images", help="list a dataset's images (sorted keys) into a TSV")
+    p.add_argument("--layout", required=True, help="embedded | folder | imagenet | coco | filelist")
+    p.add_argument("--root", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_cmd_images)
+
+    p = stages.add_parser("proposals", help="selective-search proposals")
+    proposal_cmds = p.add_subparsers(dest="proposals_cmd", required=True)
+    q = proposal_cmds.add_parser("run", help="proposals for one chunk of an image list")
+    q.add_argument("--list", type=Path, required=True)
+    q.add_argument("--chunk", required=True)
+    q.add_argument("--num-chunks", type=int, required=True)
+    q.add_argument("--processes", type=int, default=1)
+    q.add_argument("--settings", type=_settings, default={})
+    q.add_argument("--out", type=Path, required=True)
+    q.add_argument("--report", type=Path, required=True)
+    q.set_defaults(func=_cmd_proposals_run)
+
+    p = stages.add_parser("shards", help="pack a chunk's images and proposals into a WebDataset tar")
+    p.add_argument("--proposals", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_cmd_shards)
+
+    p = stages.add_parser("pretrain", help="self-supervised pretraining of one run")
+    p.add_argument("--settings", type=_settings, required=True)
+    p.add_argument("--shards", type=Path, nargs="+", required=True)
+    p.add_argument("--nproc-per-node", type=int, default=1)
+    p.add_argument("--workdir", type=Path, required=True, help="resumable checkpoints (not a workflow output)")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = stages.add_parser("convert", help="pretrained checkpoint to torchvision and detectron2 weights")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--torchvision", type=Path, required=True)
+    p.add_argument("--detectron2", type=Path, required=True)
+    p.set_defaults(func=_cmd_convert)
+
+    p = stages.add_parser("finetune", help="finetune a detector on a benchmark")
+    p.add_argument("--settings", type=_settings, required=True)
+    p.add_argument("--weights", type=_weights, required=True, help="converted .tv.pth, or 'none'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_cmd_finetune)
+
+    p = stages.add_parser("evaluate", help="COCO-style AP of a finetuned detector")
+    p.add_argument("--settings", type=_settings, required=True)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--run", required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = stages.add_parser("tables", help="metrics JSON files to the summary table")
+    p.add_argument("--metrics", type=Path, nargs="+", required=True)
+    p.add_argument("--markdown", type=Path, required=True)
+    p.add_argument("--csv", type=Path, required=True)
+    p.set_defaults(func=_cmd_tables)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

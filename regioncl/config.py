@@ -1,0 +1,225 @@
+"""The workflow's configuration, resolved once into a plan that the Snakemake rules read.
+
+The JSON schema (workflow/schemas/config.schema.yaml) checks the shape of the YAML; this
+module checks what a schema cannot: that every named method and benchmark is implemented,
+that dataset roots have their layouts, and that each stage's settings parse into that
+stage's typed settings. Every problem is raised before any job runs, naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from regioncl.data.layouts import DatasetSpec
+
+ARCH_SHORT_NAMES = {"resnet18": "r18", "resnet34": "r34", "resnet50": "r50", "resnet101": "r101"}
+EMBEDDED_OUTPUTS = ("dataset.json", "annotations/instances_train.json", "annotations/instances_val.json")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One pretraining run: a method, an architecture and a schedule on a dataset."""
+
+    name: str
+    method: str
+    arch: str
+    epochs: int
+    dataset: str
+    settings: dict[str, Any]  # PretrainSettings.from_dict input, fully resolved
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    run: str
+    benchmark: str
+    seed: int
+
+    @property
+    def directory(self) -> str:
+        return f"results/finetune/{self.run}/{self.benchmark}/seed{self.seed}"
+
+
+def run_name(method: str, arch: str, epochs: int) -> str:
+    if arch not in ARCH_SHORT_NAMES:
+        raise ConfigError(f"pretrain.runs: arch {arch!r} is not one of {sorted(ARCH_SHORT_NAMES)}")
+    return f"{method}_{ARCH_SHORT_NAMES[arch]}_{epochs}ep"
+
+
+class WorkflowPlan:
+    """Everything the rules need, derived from the validated config dict."""
+
+    def __init__(self, config: dict[str, Any], *, check_datasets: bool = True) -> None:
+        self.datasets = {
+            name: DatasetSpec(name=name, layout=entry["layout"], root=Path(entry["root"]))
+            for name, entry in config["datasets"].items()
+        }
+        self.embedded_settings: dict[str, Any] = dict(config.get("embedded", {}))
+        embedded = [spec for spec in self.datasets.values() if spec.layout == "embedded"]
+        self.embedded_root = str(embedded[0].root) if embedded else "results/data/embedded"
+
+        data = config["pretrain_data"]
+        self.pretrain_dataset = self._known_dataset(data["dataset"], "pretrain_data.dataset")
+        self._num_chunks = {self.pretrain_dataset: int(data["chunks"])}
+
+        proposals = config["proposals"]
+        self.proposal_processes = int(proposals.get("processes", 1))
+        self.proposal_settings: dict[str, Any] = dict(proposals.get("settings", {}))
+
+        pretrain = config["pretrain"]
+        self.pretrain_nproc_per_node = int(pretrain.get("nproc_per_node", 1))
+        self.pretrain_threads = int(pretrain.get("threads", max(1, self.pretrain_nproc_per_node)))
+        self.runs = self._resolve_runs(pretrain, config.get("methods", {}))
+
+        finetune = config["finetune"]
+        self.finetune_threads = int(finetune.get("threads", 1))
+        self.baselines: list[str] = list(finetune.get("baselines", []))
+        self.benchmarks = self._resolve_benchmarks(config.get("benchmarks", {}), finetune["benchmarks"])
+        self.jobs = self._finetune_jobs(finetune)
+
+        self._validate_stage_settings()
+        if check_datasets:
+            for name in self._datasets_in_use():
+                self.datasets[name].check()
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> WorkflowPlan:
+        return cls(config)
+
+    # -- resolution -------------------------------------------------------------------------
+
+    def _known_dataset(self, name: str, key: str) -> str:
+        if name not in self.datasets:
+            raise ConfigError(f"{key}: dataset {name!r} is not defined under `datasets` ({sorted(self.datasets)})")
+        return name
+
+    def _resolve_runs(self, pretrain: dict[str, Any], methods: dict[str, Any]) -> dict[str, RunSpec]:
+        from regioncl.methods import available_methods
+
+        implemented = available_methods()
+        defaults = dict(pretrain.get("defaults", {}))
+        runs: dict[str, RunSpec] = {}
+        for index, entry in enumerate(pretrain.get("runs", [])):
+            key = f"pretrain.runs[{index}]"
+            method = entry["method"]
+            if method not in implemented:
+                raise ConfigError(
+                    f"{key}.method: method {method!r} is not implemented; implemented: {sorted(implemented)}"
+                )
+            settings = {**defaults, **{k: v for k, v in entry.items() if k not in ("name", "dataset")}}
+            settings["method_params"] = {**methods.get(method, {}), **entry.get("method_params", {})}
+            arch = settings.get("arch", "resnet50")
+            epochs = int(settings["epochs"])
+            name = entry.get("name") or run_name(method, arch, epochs)
+            if name in runs or name in self._baseline_names():
+                raise ConfigError(f"{key}: run name {name!r} is used twice")
+            dataset = self._known_dataset(entry.get("dataset", self.pretrain_dataset), f"{key}.dataset")
+            if dataset not in self._num_chunks:
+                raise ConfigError(f"{key}.dataset: only pretrain_data.dataset ({self.pretrain_dataset}) is chunked")
+            runs[name] = RunSpec(name=name, method=method, arch=arch, epochs=epochs, dataset=dataset, settings=settings)
+        return runs
+
+    def _baseline_names(self) -> list[str]:
+        return list(getattr(self, "baselines", []))
+
+    def _resolve_benchmarks(self, defined: dict[str, Any], selected: list[str]) -> dict[str, dict[str, Any]]:
+        from regioncl.transfer.benchmarks import resolve_benchmark
+
+        resolved = {}
+        for name in selected:
+            if name not in defined:
+                raise ConfigError(
+                    f"finetune.benchmarks: benchmark {name!r} is not defined under `benchmarks` ({sorted(defined)})"
+                )
+            entry = dict(defined[name])
+            dataset = self._known_dataset(entry.pop("dataset"), f"benchmarks.{name}.dataset")
+            resolved[name] = resolve_benchmark(name, entry, self.datasets[dataset])
+        return resolved
+
+    def _finetune_jobs(self, finetune: dict[str, Any]) -> list[FinetuneJob]:
+        unknown = [b for b in self.baselines if b != "random"]
+        if unknown:
+            raise ConfigError(f"finetune.baselines: {unknown} not implemented; implemented: ['random']")
+        jobs = []
+        for benchmark, settings in self.benchmarks.items():
+            runs = self.baselines + [r.name for r in self.runs.values() if r.arch == settings["arch"]]
+            for run in runs:
+                for seed in finetune.get("seeds", [0]):
+                    jobs.append(FinetuneJob(run=run, benchmark=benchmark, seed=int(seed)))
+        return jobs
+
+    def _validate_stage_settings(self) -> None:
+        """Parse each stage's settings into its typed settings now, so errors come before jobs."""
+        from regioncl.data.embedded import EmbeddedSettings
+        from regioncl.engine import PretrainSettings
+        from regioncl.proposals import ProposalSettings
+        from regioncl.transfer.benchmarks import BenchmarkSettings
+
+        checks = [("embedded", EmbeddedSettings, self.embedded_settings)]
+        checks.append(("proposals.settings", ProposalSettings, self.proposal_settings))
+        checks += [(f"pretrain run {r.name}", PretrainSettings, r.settings) for r in self.runs.values()]
+        checks += [(f"benchmarks.{n}", BenchmarkSettings, s) for n, s in self.benchmarks.items()]
+        for key, settings_type, values in checks:
+            try:
+                settings_type.from_dict(values)
+            except (ValueError, TypeError, KeyError) as error:
+                raise ConfigError(f"{key}: {error}") from error
+
+    def _datasets_in_use(self) -> set[str]:
+        used = {r.dataset for r in self.runs.values()}
+        used |= {settings["dataset_name"] for settings in self.benchmarks.values()}
+        return used
+
+    # -- lookups used by the rules -----------------------------------------------------------
+
+    def dataset(self, name: str) -> DatasetSpec:
+        return self.datasets[name]
+
+    def run(self, name: str) -> RunSpec:
+        return self.runs[name]
+
+    def benchmark(self, name: str) -> dict[str, Any]:
+        return self.benchmarks[name]
+
+    def num_chunks(self, dataset: str) -> int:
+        return self._num_chunks[dataset]
+
+    def chunks(self, dataset: str) -> list[str]:
+        return [f"{i:05d}" for i in range(self._num_chunks[dataset])]
+
+    def embedded_outputs(self) -> list[str]:
+        return [f"{self.embedded_root}/{rel}" for rel in EMBEDDED_OUTPUTS]
+
+    def dataset_inputs(self, name: str) -> list[str]:
+        """Files a dataset needs before it can be listed: the generator's for the embedded set."""
+        return self.embedded_outputs() if self.datasets[name].layout == "embedded" else []
+
+    def benchmark_inputs(self, name: str) -> list[str]:
+        return self.dataset_inputs(self.benchmarks[name]["dataset_name"])
+
+    def shards_of(self, dataset: str) -> list[str]:
+        return [f"results/shards/{dataset}/{chunk}.tar" for chunk in self.chunks(dataset)]
+
+    def weights_inputs(self, run: str) -> list[str]:
+        return [] if run in self.baselines else [f"results/weights/{run}.tv.pth"]
+
+    def weights_arg(self, run: str) -> str:
+        return "none" if run in self.baselines else f"results/weights/{run}.tv.pth"
+
+    def method_of(self, run: str) -> str:
+        return run if run in self.baselines else self.runs[run].method
+
+    def metrics_files(self) -> list[str]:
+        return [f"{job.directory}/metrics.json" for job in self.jobs]
+
+    @staticmethod
+    def quoted(settings: dict[str, Any]) -> str:
+        """Settings as one shell-quoted JSON argument (also what Snakemake's params trigger on)."""
+        return shlex.quote(json.dumps(settings, sort_keys=True))

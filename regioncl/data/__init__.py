@@ -1,0 +1,1 @@
+"""Image sources, the embedded dataset, and WebDataset shards."""

@@ -1,0 +1,42 @@
+"""The summary table against golden files, and its errors on bad metrics files."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from regioncl.tables.summary import load_metrics, summarize, write_summary
+
+FIXTURES = Path(__file__).parent / "fixtures" / "tables"
+METRICS = sorted((FIXTURES / "metrics").glob("*.json"))
+
+
+def test_summary_matches_golden_markdown_and_csv(tmp_path):
+    write_summary(METRICS, tmp_path / "summary.md", tmp_path / "summary.csv")
+    assert (tmp_path / "summary.md").read_text() == (FIXTURES / "expected_summary.md").read_text()
+    assert (tmp_path / "summary.csv").read_text() == (FIXTURES / "expected_summary.csv").read_text()
+
+
+def test_summary_is_mean_and_sample_std_over_seeds_with_baseline_first():
+    table = summarize(load_metrics(METRICS))
+    assert list(table["method"]) == ["random", "moco_v2"]
+    moco = table[table["method"] == "moco_v2"].iloc[0]
+    assert moco["box AP mean"] == pytest.approx((15.25 + 16.75) / 2)
+    # sample std of two values a, b is |a - b| / sqrt(2)
+    assert moco["box AP std"] == pytest.approx(1.5 / 2**0.5)
+    assert moco["seeds"] == 2
+
+
+def test_metrics_file_without_run_is_an_error_naming_the_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"method": "random", "benchmark": "b", "seed": 0, "metrics": {}}))
+    with pytest.raises(ValueError, match=r"bad\.json.*run"):
+        load_metrics([bad])
+
+
+def test_metrics_without_ap50_is_an_error_naming_the_metric(tmp_path):
+    bad = tmp_path / "bad.json"
+    record = {"method": "m", "run": "r", "benchmark": "b", "seed": 0, "metrics": {"bbox": {"AP": 1, "AP75": 1}}}
+    bad.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="AP50"):
+        load_metrics([bad])

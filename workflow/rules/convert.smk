@@ -1,0 +1,14 @@
+# Pretrained weights to a torchvision detection state dict and a detectron2 .pkl.
+
+
+rule convert:
+    input:
+        "results/pretrain/{run}/checkpoint_final.pt",
+    output:
+        torchvision="results/weights/{run}.tv.pth",
+        detectron2="results/weights/{run}.d2.pkl",
+    log:
+        "results/logs/convert/{run}.log",
+    shell:
+        "regioncl convert --checkpoint {input} --torchvision {output.torchvision} "
+        "--detectron2 {output.detectron2} 2>&1 | tee {log}"

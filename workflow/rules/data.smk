@@ -1,0 +1,28 @@
+# The embedded default dataset (generated, no download) and the sorted image list of a
+# pretraining dataset, from which chunks are cut deterministically.
+
+
+rule embedded_dataset:
+    output:
+        PLAN.embedded_outputs(),
+    params:
+        root=PLAN.embedded_root,
+        settings=PLAN.quoted(PLAN.embedded_settings),
+    log:
+        "results/logs/embedded_dataset.log",
+    shell:
+        "regioncl embedded --out {params.root} --settings {params.settings} 2>&1 | tee {log}"
+
+
+rule image_list:
+    input:
+        lambda w: PLAN.dataset_inputs(w.dataset),
+    output:
+        "results/lists/{dataset}.tsv",
+    params:
+        layout=lambda w: PLAN.dataset(w.dataset).layout,
+        root=lambda w: PLAN.dataset(w.dataset).root,
+    log:
+        "results/logs/image_list/{dataset}.log",
+    shell:
+        "regioncl images --layout {params.layout} --root {params.root} --out {output} 2>&1 | tee {log}"

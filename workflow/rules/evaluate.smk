@@ -1,0 +1,19 @@
+# COCO-style AP of a finetuned detector on its benchmark's evaluation split.
+
+
+rule evaluate:
+    input:
+        model="results/finetune/{run}/{benchmark}/seed{seed}/model.pt",
+        dataset=lambda w: PLAN.benchmark_inputs(w.benchmark),
+    output:
+        "results/finetune/{run}/{benchmark}/seed{seed}/metrics.json",
+    params:
+        settings=lambda w: PLAN.quoted(PLAN.benchmark(w.benchmark)),
+        method=lambda w: PLAN.method_of(w.run),
+    threads: PLAN.finetune_threads
+    log:
+        "results/logs/evaluate/{run}/{benchmark}/seed{seed}.log",
+    shell:
+        "regioncl evaluate --settings {params.settings} --model {input.model} "
+        "--run {wildcards.run} --method {params.method} --seed {wildcards.seed} "
+        "--out {output} 2>&1 | tee {log}"

@@ -1,0 +1,22 @@
+# Finetune a detector per (run, benchmark, seed). Baselines such as `random` have no weights.
+
+
+rule finetune:
+    input:
+        weights=lambda w: PLAN.weights_inputs(w.run),
+        dataset=lambda w: PLAN.benchmark_inputs(w.benchmark),
+    output:
+        "results/finetune/{run}/{benchmark}/seed{seed}/model.pt",
+    params:
+        settings=lambda w: PLAN.quoted(PLAN.benchmark(w.benchmark)),
+        weights=lambda w: PLAN.weights_arg(w.run),
+        workdir="results/work/finetune/{run}/{benchmark}/seed{seed}",
+    threads: PLAN.finetune_threads
+    resources:
+        runtime=resources_of("finetune", "runtime", 60),
+        mem_mb=resources_of("finetune", "mem_mb", 8000),
+    log:
+        "results/logs/finetune/{run}/{benchmark}/seed{seed}.log",
+    shell:
+        "regioncl finetune --settings {params.settings} --weights {params.weights} "
+        "--seed {wildcards.seed} --workdir {params.workdir} --out {output} 2>&1 | tee {log}"

@@ -1,0 +1,24 @@
+# One (possibly distributed) pretraining job per run. Resumable checkpoints live in
+# results/work/, which is not a declared output: Snakemake deletes the outputs of a failed
+# job, and a re-run must find the checkpoints to resume from.
+
+
+rule pretrain:
+    input:
+        lambda w: PLAN.shards_of(PLAN.run(w.run).dataset),
+    output:
+        "results/pretrain/{run}/checkpoint_final.pt",
+    params:
+        settings=lambda w: PLAN.quoted(PLAN.run(w.run).settings),
+        workdir="results/work/pretrain/{run}",
+        nproc=PLAN.pretrain_nproc_per_node,
+    threads: PLAN.pretrain_threads
+    resources:
+        runtime=resources_of("pretrain", "runtime", 60),
+        mem_mb=resources_of("pretrain", "mem_mb", 8000),
+        nodes=resources_of("pretrain", "nodes", 1),
+    log:
+        "results/logs/pretrain/{run}.log",
+    shell:
+        "regioncl pretrain --settings {params.settings} --shards {input} "
+        "--nproc-per-node {params.nproc} --workdir {params.workdir} --out {output} 2>&1 | tee {log}"

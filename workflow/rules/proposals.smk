@@ -1,0 +1,22 @@
+# Offline selective search with SoCo's box filter: one job per chunk of the sorted image list.
+
+
+rule proposals:
+    input:
+        "results/lists/{dataset}.tsv",
+    output:
+        proposals="results/proposals/{dataset}/{chunk}.parquet",
+        report="results/proposals/{dataset}/{chunk}.report.json",
+    params:
+        num_chunks=lambda w: PLAN.num_chunks(w.dataset),
+        settings=PLAN.quoted(PLAN.proposal_settings),
+    threads: PLAN.proposal_processes
+    resources:
+        runtime=resources_of("proposals", "runtime", 120),
+        mem_mb=resources_of("proposals", "mem_mb", 4000),
+    log:
+        "results/logs/proposals/{dataset}/{chunk}.log",
+    shell:
+        "regioncl proposals run --list {input} --chunk {wildcards.chunk} "
+        "--num-chunks {params.num_chunks} --processes {threads} --settings {params.settings} "
+        "--out {output.proposals} --report {output.report} 2>&1 | tee {log}"
