@@ -6,7 +6,8 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# Relative to this file, so `snakemake -d OTHER_DIR` (outputs elsewhere) finds the default.
+configfile: f"{workflow.basedir}/config/config.yaml"
 
 
 validate(config, "workflow/schemas/config.schema.yaml")

@@ -1,0 +1,253 @@
+"""Pretrained checkpoint -> detector weights for torchvision and detectron2.
+
+Every renaming lives in ``KEY_MAPS``: per target framework, per transferred module, an ordered
+list of regex rules (first full match wins). A rule with template ``None`` drops the key on
+purpose (e.g. BatchNorm's ``num_batches_tracked`` counter, which neither detector uses). A
+method that transfers more than the backbone (an FPN, a box head) adds one entry per target.
+
+The conversion is strict: the source backbone must hold exactly the tensors of torchvision's
+ResNet of its ``arch`` (shapes included), every tensor must match a rule, and the torchvision
+keys must exist with the same shape in torchvision's detection backbone. Any violation raises
+``ConversionError`` listing the keys concerned, before anything is written.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+from regioncl.io import atomic_path
+
+PRETRAINED_FORMAT = "regioncl.pretrained/1"
+TORCHVISION_FORMAT = "regioncl.torchvision/1"
+SUPPORTED_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+BN_PARAMS = "weight|bias|running_mean|running_var"
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """Rename keys that fully match ``pattern`` to ``template`` (``None``: drop the key).
+
+    The template is ``str.format``-ed with the pattern's named groups; a ``layer`` group
+    (torchvision's stage 1..4) also provides ``stage`` = layer + 1 (detectron2's res2..res5).
+    """
+
+    pattern: str
+    template: str | None
+
+    def apply(self, key: str) -> tuple[bool, str | None]:
+        match = re.fullmatch(self.pattern, key)
+        if match is None:
+            return False, None
+        if self.template is None:
+            return True, None
+        fields = match.groupdict()
+        if "layer" in fields:
+            fields["stage"] = int(fields["layer"]) + 1
+        return True, self.template.format(**fields)
+
+
+DROP_BN_COUNTER = KeyRule(r".*\.num_batches_tracked", None)
+
+# detectron2's ResNet: BasicBlock (R18/R34) has conv1..2, Bottleneck (R50+) conv1..3; each
+# conv owns its norm as `convN.norm`; the projection shortcut is `shortcut` (+ `.norm`).
+DETECTRON2_BACKBONE = (
+    DROP_BN_COUNTER,
+    KeyRule(r"conv1\.weight", "stem.conv1.weight"),
+    KeyRule(rf"bn1\.(?P<param>{BN_PARAMS})", "stem.conv1.norm.{param}"),
+    KeyRule(
+        r"layer(?P<layer>[1-4])\.(?P<block>\d+)\.conv(?P<conv>[1-3])\.weight",
+        "res{stage}.{block}.conv{conv}.weight",
+    ),
+    KeyRule(
+        rf"layer(?P<layer>[1-4])\.(?P<block>\d+)\.bn(?P<conv>[1-3])\.(?P<param>{BN_PARAMS})",
+        "res{stage}.{block}.conv{conv}.norm.{param}",
+    ),
+    KeyRule(
+        r"layer(?P<layer>[1-4])\.(?P<block>\d+)\.downsample\.0\.weight",
+        "res{stage}.{block}.shortcut.weight",
+    ),
+    KeyRule(
+        rf"layer(?P<layer>[1-4])\.(?P<block>\d+)\.downsample\.1\.(?P<param>{BN_PARAMS})",
+        "res{stage}.{block}.shortcut.norm.{param}",
+    ),
+)
+
+# torchvision's detection models wrap the ResNet as `backbone.body` (IntermediateLayerGetter
+# keeps the ResNet's own names). The counter is dropped: FrozenBatchNorm2d has none and
+# BatchNorm2d only uses it when momentum is None.
+TORCHVISION_BACKBONE = (
+    DROP_BN_COUNTER,
+    KeyRule(r"(?P<key>(conv1|bn1|layer[1-4])\..+)", "backbone.body.{key}"),
+)
+
+# target framework -> transferred module ("backbone", or a name in the checkpoint's
+# `transfer` dict such as "fpn" / "box_head") -> rules.
+KEY_MAPS: dict[str, dict[str, tuple[KeyRule, ...]]] = {
+    "torchvision": {"backbone": TORCHVISION_BACKBONE},
+    "detectron2": {"backbone": DETECTRON2_BACKBONE},
+}
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted completely; the message lists the keys."""
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    arch: str
+    method: str
+    torchvision_keys: int  # tensors written to the torchvision file
+    detectron2_keys: int  # tensors written to the detectron2 file
+    dropped: tuple[str, ...]  # source keys dropped on purpose by a rule
+
+
+def map_keys(
+    state: Mapping[str, torch.Tensor], rules: tuple[KeyRule, ...]
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Rename ``state`` by ``rules``; return (renamed state, dropped keys, unmapped keys)."""
+    renamed: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    unmapped: list[str] = []
+    for key, tensor in state.items():
+        for rule in rules:
+            matched, target = rule.apply(key)
+            if matched:
+                break
+        if not matched:
+            unmapped.append(key)
+        elif target is None:
+            dropped.append(key)
+        else:
+            renamed[target] = tensor
+    return renamed, dropped, unmapped
+
+
+def reference_backbone_shapes(arch: str) -> dict[str, torch.Size]:
+    """Shapes of torchvision's ResNet ``arch`` without the classifier (the source contract)."""
+    resnet = getattr(torchvision.models, arch)(weights=None)
+    return {k: v.shape for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+
+
+def detection_backbone_shapes(arch: str) -> dict[str, torch.Size]:
+    """Shapes of the ResNet tensors inside torchvision's detection models (``backbone.body.*``)."""
+    backbone = resnet_fpn_backbone(backbone_name=arch, weights=None)
+    return {
+        f"backbone.{k}": v.shape for k, v in backbone.state_dict().items() if k.startswith("body.")
+    }
+
+
+def shape_problems(
+    actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], what: str
+) -> list[str]:
+    """Human-readable lines for keys missing from / unexpected in / mis-shaped in ``actual``."""
+    problems = [f"{what}: missing {k}" for k in sorted(set(expected) - set(actual))]
+    problems += [f"{what}: unexpected {k}" for k in sorted(set(actual) - set(expected))]
+    problems += [
+        f"{what}: {k} has shape {tuple(actual[k].shape)}, expected {tuple(expected[k])}"
+        for k in sorted(set(actual) & set(expected))
+        if actual[k].shape != expected[k]
+    ]
+    return problems
+
+
+def without_bn_counters(state: Mapping[str, object]) -> dict[str, object]:
+    return {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
+
+
+def load_pretrained(checkpoint: Path) -> dict:
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != PRETRAINED_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ConversionError(f"{checkpoint}: format is {found!r}, expected {PRETRAINED_FORMAT!r}")
+    for field in ("method", "arch", "backbone", "transfer"):
+        if field not in ckpt:
+            raise ConversionError(f"{checkpoint}: missing field {field!r}")
+    if ckpt["arch"] not in SUPPORTED_ARCHS:
+        raise ConversionError(
+            f"{checkpoint}: arch {ckpt['arch']!r} is not one of {', '.join(SUPPORTED_ARCHS)}"
+        )
+    return ckpt
+
+
+def convert_modules(
+    modules: Mapping[str, Mapping[str, torch.Tensor]], target: str
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Map every module's tensors for ``target``; return (state, dropped keys, problems)."""
+    state: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    problems: list[str] = []
+    for module, module_state in modules.items():
+        rules = KEY_MAPS[target].get(module)
+        if rules is None:
+            problems.append(
+                f"{target}: no key map for transferred module {module!r} (add it to KEY_MAPS)"
+            )
+            continue
+        renamed, module_dropped, unmapped = map_keys(module_state, rules)
+        collisions = sorted(set(renamed) & set(state))
+        problems += [f"{target}: {module}.{k} has no rule" for k in unmapped]
+        problems += [f"{target}: two modules map to {k}" for k in collisions]
+        dropped += [f"{module}.{k}" for k in module_dropped]
+        state.update(renamed)
+    return state, dropped, problems
+
+
+def convert_checkpoint(
+    checkpoint: Path, torchvision_out: Path, detectron2_out: Path
+) -> ConversionReport:
+    """Write the torchvision ``.pth`` and detectron2 ``.pkl`` weights of a pretrained checkpoint.
+
+    Raises ``ConversionError`` (nothing written) if any tensor is missing, unexpected, has the
+    wrong shape, or has no rule in ``KEY_MAPS``.
+    """
+    ckpt = load_pretrained(checkpoint)
+    arch = ckpt["arch"]
+    modules = {"backbone": ckpt["backbone"], **ckpt["transfer"]}
+
+    problems = shape_problems(
+        without_bn_counters(ckpt["backbone"]),
+        without_bn_counters(reference_backbone_shapes(arch)),
+        f"backbone vs torchvision {arch}",
+    )
+    tv_state, dropped, tv_problems = convert_modules(modules, "torchvision")
+    d2_state, _, d2_problems = convert_modules(modules, "detectron2")
+    problems += tv_problems + d2_problems
+    tv_backbone = {k: v for k, v in tv_state.items() if k.startswith("backbone.body.")}
+    problems += shape_problems(
+        tv_backbone, detection_backbone_shapes(arch), f"torchvision detection {arch}"
+    )
+    if problems:
+        raise ConversionError(f"{checkpoint}: cannot convert:\n  " + "\n  ".join(problems))
+
+    with atomic_path(torchvision_out) as tmp:
+        torch.save(
+            {
+                "format": TORCHVISION_FORMAT,
+                "arch": arch,
+                "method": ckpt["method"],
+                "state_dict": {k: v.contiguous() for k, v in tv_state.items()},
+            },
+            tmp,
+        )
+    d2_weights = {
+        "model": {k: v.detach().cpu().numpy() for k, v in d2_state.items()},
+        "__author__": "regioncl",
+        "matching_heuristics": True,
+    }
+    with atomic_path(detectron2_out) as tmp, open(tmp, "wb") as f:
+        pickle.dump(d2_weights, f)
+    return ConversionReport(
+        arch=arch,
+        method=ckpt["method"],
+        torchvision_keys=len(tv_state),
+        detectron2_keys=len(d2_state),
+        dropped=tuple(dropped),
+    )

@@ -1,0 +1,124 @@
+"""Typed pretraining settings, parsed once from the run's config dict (unknown keys rejected by name)."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from regioncl.methods.base import get_method
+
+
+def from_dict_strict(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``; nested dataclasses, tuples, Optional and Literal are checked.
+
+    ``where`` prefixes every error message (e.g. "pretrain.optimizer") so it names the field.
+    """
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {names}")
+    hints = typing.get_type_hints(cls)
+    values = {name: _coerce(data[name], hints[name], f"{where}.{name}") for name in names if name in data}
+    return cls(**values)
+
+
+def _coerce(value: Any, expected: Any, where: str) -> Any:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if dataclasses.is_dataclass(expected):
+        return from_dict_strict(expected, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise TypeError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(item, arg, f"{where}[{i}]") for i, (item, arg) in enumerate(zip(value, args)))
+    if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if expected in (int, str, bool) and not (type(value) is expected):
+        raise TypeError(f"{where}: expected {expected.__name__}, got {value!r}")
+    return value
+
+
+def to_plain_dict(settings: Any) -> dict[str, Any]:
+    """A dataclass as plain JSON-able values (tuples as lists), accepted back by ``from_dict_strict``."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return value
+
+    return plain(dataclasses.asdict(settings))
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    name: Literal["sgd", "lars"] = "sgd"
+    base_lr: float = 0.03  # at ``reference_batch``; lr = base_lr * batch_size / reference_batch
+    reference_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """One pretraining run. ``batch_size`` is global (all ranks); each rank gets batch_size / world_size."""
+
+    method: str
+    epochs: int
+    method_params: Any  # the method's registered params dataclass (e.g. MocoV2Params)
+    arch: str = "resnet50"
+    batch_size: int = 256
+    crop_size: int = 224
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    warmup_epochs: float = 0.0  # linear warmup, then cosine decay to 0, both per step
+    num_workers: int = 2
+    seed: int = 0
+    checkpoint_every_steps: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        params_type = get_method(self.method).Params
+        if not isinstance(self.method_params, params_type):
+            raise TypeError(f"method_params: expected {params_type.__name__}, got {type(self.method_params).__name__}")
+        for name in ("epochs", "batch_size", "crop_size", "checkpoint_every_steps", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers: expected >= 0, got {self.num_workers}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PretrainSettings:
+        if "method" not in data:
+            raise KeyError("pretrain.method: required (a registered method name)")
+        params_type = get_method(data["method"]).Params
+        params = from_dict_strict(params_type, data.get("method_params", {}), "pretrain.method_params")
+        rest = {key: value for key, value in data.items() if key != "method_params"}
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(rest) - set(names))
+        if unknown:
+            raise ValueError(f"pretrain: unknown key(s) {unknown}; expected some of {names}")
+        if "epochs" not in rest:
+            raise KeyError("pretrain.epochs: required")
+        values = {name: _coerce(value, hints[name], f"pretrain.{name}") for name, value in rest.items()}
+        return cls(method_params=params, **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain_dict(self)

@@ -1,0 +1,215 @@
+"""The pretraining loop: any registered method, one or many processes, exact resume.
+
+    pretrain(settings, shards, out, workdir)
+
+Per step: lr from the schedule, loss = method(batch), SGD/LARS step, EMA update of the method's
+momentum pairs. Every ``checkpoint_every_steps`` (and at the end) rank 0 saves the full state
+to ``workdir``; a re-run resumes from the newest valid one and ends with the same weights as an
+uninterrupted run. At the end rank 0 writes the pretrained checkpoint ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from regioncl.data.shards import ShardStream
+from regioncl.engine import dist
+from regioncl.models import gather
+from regioncl.engine.checkpoint import (
+    capture_rng_state,
+    load_latest_checkpoint,
+    restore_rng_state,
+    save_resume_checkpoint,
+    write_pretrained_checkpoint,
+)
+from regioncl.engine.optim import build_optimizer, scaled_lr, set_lr
+from regioncl.engine.schedule import warmup_cosine_lr
+from regioncl.engine.settings import PretrainSettings
+from regioncl.engine.views import ViewStream, epoch_batches, make_loader
+from regioncl.io import write_text_atomic
+from regioncl.methods.base import PretrainMethod, StepInfo, get_method
+
+# Settings that may change between a run and its resume without changing the result.
+RESUME_MAY_CHANGE = frozenset({"checkpoint_every_steps", "keep_checkpoints", "log_every", "device"})
+
+
+def pretrain(
+    settings: PretrainSettings,
+    shards: Sequence[str | Path],
+    out: str | Path,
+    workdir: str | Path,
+    *,
+    stop_after_steps: int | None = None,
+) -> None:
+    """Train ``settings.method`` on ``shards``; write ``out`` once all epochs are done.
+
+    Distributed setup comes from the environment (torchrun or SLURM, else one process).
+    ``stop_after_steps``: checkpoint and return once that many steps are done, without writing
+    ``out`` (for wall-clock-limited jobs, and to test resume).
+    """
+    env = dist.read_dist_env()
+    device = dist.init_distributed(env, settings.device)
+    try:
+        _train(settings, [Path(s) for s in shards], Path(out), Path(workdir), device, stop_after_steps)
+    finally:
+        dist.shutdown()
+
+
+def _train(
+    settings: PretrainSettings, shards: list[Path], out: Path, workdir: Path, device: torch.device, stop: int | None
+) -> None:
+    rank, world = gather.rank(), gather.world_size()
+    is_main = rank == 0
+    if settings.batch_size % world:
+        raise ValueError(f"batch_size: {settings.batch_size} is not divisible by the world size {world}")
+    per_rank_batch = settings.batch_size // world
+
+    torch.manual_seed(settings.seed)  # identical initial weights and queues on every rank
+    method = get_method(settings.method)(settings.method_params, arch=settings.arch, crop_size=settings.crop_size)
+    method.to(device).train()
+    optimizer = build_optimizer(method, settings.optimizer, settings.batch_size)
+
+    samples = ShardStream(shards, seed=settings.seed, rank=rank, world_size=world)
+    steps_per_epoch = samples.num_samples // settings.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size: {settings.batch_size} exceeds the {samples.num_samples} samples in the shards")
+    total_steps = steps_per_epoch * settings.epochs
+    warmup_steps = round(settings.warmup_epochs * steps_per_epoch)
+    base_lr = scaled_lr(settings.optimizer, settings.batch_size)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    step = _resume(method, optimizer, settings, workdir, steps_per_epoch, report=print if is_main else _silent)
+    metrics_path = workdir / "metrics.jsonl"
+    if is_main:
+        _drop_metrics_after(metrics_path, step)
+
+    model: nn.Module = method
+    if world > 1:
+        # Queues stay equal on all ranks by enqueueing all-gathered keys: no per-step buffer broadcast.
+        model = DistributedDataParallel(
+            method, forward_sync_buffers=False, find_unused_parameters=method.find_unused_parameters
+        )
+    views = ViewStream(samples, method.make_views, settings.seed)
+    loader = make_loader(views, settings.num_workers, settings.seed)
+    last_step = total_steps if stop is None else min(stop, total_steps)
+    progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc=f"pretrain {settings.method}")
+    tick = time.perf_counter()
+    while step < last_step:
+        epoch, first_batch = divmod(step, steps_per_epoch)
+        views.start_epoch(epoch, skip_samples=first_batch * per_rank_batch)
+        batches = epoch_batches(
+            loader, method.collate, batch_size=per_rank_batch, first_batch=first_batch, num_batches=steps_per_epoch
+        )
+        for batch in batches:
+            info = StepInfo(step, epoch, steps_per_epoch, total_steps, settings.seed)
+            lr = warmup_cosine_lr(step, base_lr=base_lr, warmup_steps=warmup_steps, total_steps=total_steps)
+            set_lr(optimizer, lr)
+            losses = model(_to_device(batch, device), info)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            method.update_momentum(info)
+            step += 1
+
+            logged = {name: gather.all_reduce_mean(value).item() for name, value in losses.items()}
+            now = time.perf_counter()
+            images_per_s = settings.batch_size / (now - tick)
+            tick = now
+            if is_main:
+                record = {"step": step, "epoch": epoch, "lr": lr, "images_per_s": images_per_s, **logged}
+                with metrics_path.open("a") as metrics:
+                    metrics.write(json.dumps(record) + "\n")
+                progress.update(1)
+                if step % settings.log_every == 0 or step == last_step:
+                    progress.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{lr:.4g}", img_s=f"{images_per_s:.1f}")
+            if is_main and (step % settings.checkpoint_every_steps == 0 or step == last_step):
+                state = _training_state(method, optimizer, settings, step, steps_per_epoch)
+                save_resume_checkpoint(workdir, step, state, settings.keep_checkpoints)
+            if step == last_step:
+                break
+    progress.close()
+    if is_main and step == total_steps:
+        backbone, transfer = method.transfer_state()
+        write_pretrained_checkpoint(
+            out,
+            method=settings.method,
+            arch=settings.arch,
+            steps=total_steps,
+            epochs=settings.epochs,
+            backbone=backbone,
+            transfer=transfer,
+            config=settings.to_dict(),
+        )
+
+
+def _silent(message: str) -> None:
+    del message  # non-zero ranks do not print what rank 0 already reports
+
+
+def _training_state(
+    method: PretrainMethod, optimizer: torch.optim.Optimizer, settings: PretrainSettings, step: int, steps_per_epoch: int
+) -> dict[str, Any]:
+    # The LR schedule is a pure function of the step, so the step is its position.
+    return {
+        "step": step,
+        "data_position": divmod(step, steps_per_epoch),  # (epoch, batch index within the epoch) of the next batch
+        "steps_per_epoch": steps_per_epoch,
+        "model": method.state_dict(),  # online and momentum encoders, and queues (buffers)
+        "optimizer": optimizer.state_dict(),
+        "rng": capture_rng_state(),
+        "config": settings.to_dict(),
+    }
+
+
+def _resume(
+    method: PretrainMethod,
+    optimizer: torch.optim.Optimizer,
+    settings: PretrainSettings,
+    workdir: Path,
+    steps_per_epoch: int,
+    report: Callable[[str], None],
+) -> int:
+    """Load the newest valid checkpoint in ``workdir`` into ``method`` and ``optimizer``; return its step (0 if none)."""
+    found = load_latest_checkpoint(workdir, report)
+    if found is None:
+        return 0
+    state, path = found
+    stored, current = state["config"], settings.to_dict()
+    changed = sorted(key for key in current.keys() | stored.keys() if key not in RESUME_MAY_CHANGE and stored.get(key) != current.get(key))
+    if changed:
+        raise ValueError(f"resume: {path} was written with different settings for {changed}; use a new workdir")
+    if state["steps_per_epoch"] != steps_per_epoch:
+        raise ValueError(
+            f"resume: {path} has {state['steps_per_epoch']} steps per epoch, the shards now give {steps_per_epoch}"
+        )
+    method.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng_state(state["rng"])
+    report(f"resuming from step {state['step']} (checkpoint {path})")
+    return state["step"]
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Keep metric lines up to ``step``: the steps after it will be trained (and logged) again."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+        write_text_atomic(path, "".join(kept))
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(value, device) for value in batch)
+    return batch

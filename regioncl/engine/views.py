@@ -1,0 +1,104 @@
+"""From a rank's shard stream to its batches of views, deterministic whatever the worker layout.
+
+Each sample's augmentations draw from an rng seeded by (run seed, epoch, sample key), so a
+sample gets the same views in any worker, in any process, before and after a resume. A resume
+in the middle of an epoch re-creates the epoch's stream and skips the consumed samples before
+augmenting them: workers yield ``None`` in their place and the main process drops those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from regioncl.data.shards import ShardStream
+
+MakeViews = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    key_hash = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+    return np.random.default_rng([seed, epoch, key_hash])
+
+
+class ViewStream(IterableDataset):
+    """One item per sample of ``samples``: the method's views, or None for a sample skipped on resume."""
+
+    def __init__(self, samples: ShardStream, make_views: MakeViews, seed: int) -> None:
+        self.samples = samples
+        self.make_views = make_views
+        self.seed = seed
+        self.epoch = 0
+        self.skip_samples = 0
+
+    def start_epoch(self, epoch: int, skip_samples: int) -> None:
+        """Call before creating the DataLoader iterator: workers copy the dataset when it starts."""
+        self.epoch = epoch
+        self.skip_samples = skip_samples
+        self.samples.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any] | None]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for index, sample in enumerate(self.samples):
+            # The DataLoader takes items from its workers round-robin, so this worker's item
+            # ``index`` is the rank's item ``worker + index * workers``.
+            if worker + index * workers < self.skip_samples:
+                yield None
+            else:
+                yield self.make_views(sample, sample_rng(self.seed, self.epoch, sample["key"]))
+
+
+def _keep_item(item: Any) -> Any:
+    return item
+
+
+def _one_thread_per_worker(worker_id: int) -> None:
+    # Workers run PIL and small tensor ops; torch's default thread pool per worker would
+    # oversubscribe the cores the training step needs.
+    torch.set_num_threads(1)
+
+
+def make_loader(views: ViewStream, num_workers: int, seed: int) -> DataLoader:
+    """Items one by one (batched in the main process, so per-worker leftovers never make short batches)."""
+    return DataLoader(
+        views,
+        batch_size=None,
+        collate_fn=_keep_item,
+        num_workers=num_workers,
+        worker_init_fn=_one_thread_per_worker,
+        # Worker base seeds come from this generator, not from the global torch RNG that resume restores.
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def epoch_batches(
+    loader: DataLoader,
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    *,
+    batch_size: int,
+    first_batch: int,
+    num_batches: int,
+) -> Iterator[dict[str, Any]]:
+    """Batches ``first_batch .. num_batches - 1`` of the epoch the loader's ViewStream was started on."""
+    items = iter(loader)
+    skipped = list(itertools.islice(items, first_batch * batch_size))
+    if len(skipped) != first_batch * batch_size or any(item is not None for item in skipped):
+        raise RuntimeError(
+            f"resume: expected the first {first_batch * batch_size} samples of the epoch to be skipped; the "
+            "worker split is not round-robin (batch_size must be >= num_workers with balanced worker shares)"
+        )
+    for index in range(first_batch, num_batches):
+        samples = list(itertools.islice(items, batch_size))
+        if len(samples) < batch_size or any(sample is None for sample in samples):
+            raise RuntimeError(
+                f"data: this rank's stream ended at batch {index} of {num_batches}; "
+                "the shard reader gave this rank fewer than num_samples / world_size samples"
+            )
+        yield collate(samples)

@@ -1,0 +1,94 @@
+"""MoCo v2 (Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning").
+
+    q = g_q(f_q(x_q)) / ||.||,   k = g_k(f_k(x_k)) / ||.||          (f: ResNet, g: 2-layer MLP)
+    L = InfoNCE(q, k, queue, tau)                                    (regioncl.losses.info_nce)
+    theta_k <- m theta_k + (1 - m) theta_q  after every step        (PretrainMethod.update_momentum)
+    queue <- enqueue(all keys of the global batch), dequeue the oldest
+
+Keys are computed with shuffle-BN across ranks so BN statistics cannot leak which key is the
+positive (paper sec. 3.3); with one process it is the identity and is skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from regioncl.augment import MOCO_V2_RECIPE, apply_photometric, to_normalized_tensor
+from regioncl.models import gather
+from regioncl.geometry import random_resized_crop, render_view
+from regioncl.losses import info_nce
+from regioncl.methods.base import PretrainMethod, StepInfo, register_method
+from regioncl.models import FeatureQueue, MLPHead, ResNetBackbone, make_target
+
+
+@dataclass(frozen=True)
+class MocoV2Params:
+    feature_dim: int = 128
+    hidden_dim: int | None = None  # None: the backbone's width (2048 for R50), as in the paper
+    queue_size: int = 65536
+    momentum: float = 0.999
+    temperature: float = 0.2
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    shuffle_bn: bool = True
+
+
+@register_method("moco_v2")
+class MocoV2(PretrainMethod):
+    Params = MocoV2Params
+
+    def __init__(self, params: MocoV2Params, *, arch: str, crop_size: int) -> None:
+        super().__init__(params, arch=arch, crop_size=crop_size)
+        self.backbone = ResNetBackbone(arch)
+        width = self.backbone.out_channels
+        self.head = MLPHead(width, params.hidden_dim or width, params.feature_dim)
+        self.backbone_k = make_target(self.backbone)
+        self.head_k = make_target(self.head)
+        self.queue = FeatureQueue(params.queue_size, params.feature_dim)
+
+    def make_views(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """Two independent random resized crops with the MoCo v2 photometric recipe: (3, S, S) each."""
+        width, height = sample["image"].size
+        views = {}
+        for name in ("query", "key"):
+            view = random_resized_crop(width, height, self.crop_size, rng, scale=self.params.crop_scale)
+            views[name] = to_normalized_tensor(apply_photometric(render_view(sample["image"], view), MOCO_V2_RECIPE, rng))
+        return views
+
+    def momentum_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+        return [(self.backbone, self.backbone_k), (self.head, self.head_k)]
+
+    def momentum_at(self, step_info: StepInfo) -> float:
+        return self.params.momentum
+
+    def _encode_keys(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head_k(self.backbone_k(images)), dim=1)
+
+    @torch.no_grad()
+    def _keys(self, images: torch.Tensor, step_info: StepInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) key views -> (this rank's keys (B, D), all ranks' keys (world*B, D) in rank order)."""
+        world = gather.world_size()
+        if world == 1 or not self.params.shuffle_bn:
+            keys = self._encode_keys(images)
+            return keys, gather.all_gather_no_grad(keys)
+        all_images = gather.all_gather_no_grad(images)  # (world*B, 3, S, S)
+        # The same permutation on every rank, without a broadcast: seeded by (run seed, step).
+        generator = torch.Generator().manual_seed((step_info.seed * 1_000_003 + step_info.step) % 2**63)
+        permutation = torch.randperm(all_images.shape[0], generator=generator).to(images.device)
+        mine = permutation.view(world, -1)[gather.rank()]
+        shuffled_keys = gather.all_gather_no_grad(self._encode_keys(all_images[mine]))  # row i: image permutation[i]
+        all_keys = torch.empty_like(shuffled_keys)
+        all_keys[permutation] = shuffled_keys
+        return all_keys.view(world, images.shape[0], -1)[gather.rank()], all_keys
+
+    def forward(self, batch: dict[str, torch.Tensor], step_info: StepInfo) -> dict[str, torch.Tensor]:
+        q = F.normalize(self.head(self.backbone(batch["query"])), dim=1)  # (B, D)
+        k, all_keys = self._keys(batch["key"], step_info)  # (B, D), (world*B, D)
+        # A copy: the enqueue below writes the buffer that backward still needs.
+        loss = info_nce(q, k, self.queue.features.clone(), self.params.temperature)
+        self.queue.enqueue(all_keys)
+        return {"loss": loss}

@@ -1,0 +1,274 @@
+"""One proposal job: a chunk of the image list -> a parquet of filtered boxes + a JSON report.
+
+Bad files (unreadable, truncated, not an image, too small or too large) are recorded in the
+report and skipped; they never abort the chunk. Only a chunk with no good image at all fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from regioncl.data.sources import UnreadableImage, chunk_of, decode_rgb, read_image_list
+from regioncl.io import atomic_path, write_json_atomic
+from regioncl.proposals import check_settings_keys
+from regioncl.proposals.filters import RULES, BoxFilterSettings, filter_boxes, random_boxes
+from regioncl.proposals.selective_search import SelectiveSearchSettings, selective_search
+
+PROPOSAL_MODES = ("selective_search", "random")
+PROPOSALS_FORMAT = "regioncl.proposals/1"
+# Parquet schema metadata key holding {"format", "settings"}: a chunk file says how it was made.
+METADATA_KEY = b"regioncl"
+
+PARQUET_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("path", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("boxes", pa.list_(pa.float64())),  # 4 per box: x1, y1, x2, y2 in original px
+        ("rule", pa.string()),  # which filter rule produced the boxes (filters.RULES)
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ProposalSettings:
+    """Everything that decides a chunk's proposals (recorded in the parquet, report and shards).
+
+    mode:             "selective_search", or "random" (SoCo's ablation: ``random_boxes``
+                      boxes per image drawn to satisfy the filter, seeded by (seed, key)).
+    selective_search: see ``SelectiveSearchSettings``.
+    filter:           see ``BoxFilterSettings``.
+    random_boxes:     boxes per image in random mode.
+    seed:             seed of random mode.
+    min_image_side:   images with a side below this many px are skipped as bad.
+    max_image_pixels: images with more pixels are skipped as bad (decompression-bomb guard,
+                      checked from the header before decoding).
+    """
+
+    mode: str = "selective_search"
+    selective_search: SelectiveSearchSettings = field(default_factory=SelectiveSearchSettings)
+    filter: BoxFilterSettings = field(default_factory=BoxFilterSettings)
+    random_boxes: int = 100
+    seed: int = 0
+    min_image_side: int = 8
+    max_image_pixels: int = 8000 * 8000
+
+    def __post_init__(self) -> None:
+        if self.mode not in PROPOSAL_MODES:
+            raise ValueError(f"proposals.mode must be one of {', '.join(PROPOSAL_MODES)}, got {self.mode!r}")
+        if self.random_boxes < 1:
+            raise ValueError(f"proposals.random_boxes must be >= 1, got {self.random_boxes}")
+        if self.min_image_side < 1 or self.max_image_pixels < self.min_image_side**2:
+            raise ValueError(
+                f"proposals.min_image_side must be >= 1 and max_image_pixels >= min_image_side**2, "
+                f"got {self.min_image_side}, {self.max_image_pixels}"
+            )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "proposals") -> ProposalSettings:
+        check_settings_keys(cls, data, where)
+        nested = {
+            "selective_search": SelectiveSearchSettings.from_dict(
+                data.get("selective_search", {}), f"{where}.selective_search"
+            ),
+            "filter": BoxFilterSettings.from_dict(data.get("filter", {}), f"{where}.filter"),
+        }
+        return cls(**{**data, **nested})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ImageProposals:
+    key: str
+    path: str
+    width: int
+    height: int
+    boxes: np.ndarray  # (K, 4) float64 x1y1x2y2 original px
+    rule: str
+    candidates: int  # proposals before filtering
+
+
+@dataclass(frozen=True)
+class BadImage:
+    key: str
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ChunkReport:
+    """What a chunk job did; written as the chunk's JSON report."""
+
+    chunk: int
+    num_chunks: int
+    images: int
+    good: int
+    bad: int
+    bad_files: list[dict[str, str]]  # [{key, path, reason}]
+    rules: dict[str, int]  # good images per filter rule (filters.RULES)
+    mean_proposals: float  # kept boxes per good image
+    mean_candidates: float  # boxes per good image before filtering
+    seconds: float
+    images_per_second: float
+    processes: int
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def propose_image(task: tuple[str, str, ProposalSettings]) -> ImageProposals | BadImage:
+    """Proposals for one image ``(key, path, settings)``, or why the file was skipped."""
+    key, path, settings = task
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        return BadImage(key, path, f"cannot read: {err}")
+    try:
+        image, _ = decode_rgb(data, min_side=settings.min_image_side, max_pixels=settings.max_image_pixels)
+    except UnreadableImage as err:
+        return BadImage(key, path, str(err))
+    width, height = image.size
+    if settings.mode == "random":
+        candidates = random_boxes(key, width, height, settings.random_boxes, settings.seed, settings.filter)
+    else:
+        candidates = selective_search(np.asarray(image), settings.selective_search)
+    boxes, rule = filter_boxes(candidates, width, height, settings.filter)
+    return ImageProposals(key, path, width, height, boxes, rule, len(candidates))
+
+
+def _init_worker() -> None:
+    # Parallelism comes from processes; OpenCV's own threads would oversubscribe the cores.
+    cv2.setNumThreads(1)
+
+
+@contextmanager
+def _results(tasks: Sequence[tuple[str, str, ProposalSettings]], processes: int) -> Iterator[Iterator[Any]]:
+    """Results of ``propose_image`` over ``tasks``, in task order; worker processes when processes > 1."""
+    if processes == 1:
+        _init_worker()  # this process is the worker
+        yield map(propose_image, tasks)
+        return
+    # spawn: no inherited threads or locks from the parent (fork + OpenCV/torch threads can hang).
+    # An executor rather than multiprocessing.Pool: if a worker dies (a crash in native code, the
+    # OOM killer), Pool silently replaces it and waits forever for the lost task; the executor
+    # raises BrokenProcessPool.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_init_worker) as pool:
+        # map yields in task order as results arrive, releasing each one when consumed.
+        yield pool.map(propose_image, tasks)
+
+
+def run_chunk(
+    image_list: Path,
+    chunk: int,
+    num_chunks: int,
+    out_parquet: Path,
+    out_report: Path,
+    settings: ProposalSettings,
+    processes: int = 1,
+) -> ChunkReport:
+    """Compute proposals for chunk ``chunk`` of ``num_chunks`` of ``image_list`` (see
+    ``sources.chunk_of``); write ``out_parquet`` (rows sorted by key) and ``out_report``."""
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    entries = chunk_of(read_image_list(image_list), chunk, num_chunks)
+    tasks = [(key, str(path), settings) for key, path in entries]
+    good: list[ImageProposals] = []
+    bad: list[BadImage] = []
+    start = time.perf_counter()
+    with _results(tasks, processes) as results:
+        progress = tqdm(total=len(tasks), desc=f"proposals chunk {chunk}", unit="img", file=sys.stderr)
+        try:
+            for result in results:
+                (good if isinstance(result, ImageProposals) else bad).append(result)
+                progress.update()
+        except BrokenProcessPool as err:
+            raise RuntimeError(
+                f"proposals chunk {chunk} of {num_chunks}: a worker process died while segmenting "
+                f"{tasks[progress.n][1]} or an image after it ({err})"
+            ) from err
+        finally:
+            progress.close()
+    seconds = time.perf_counter() - start
+    if not good:
+        reasons = "; ".join(f"{item.path}: {item.reason}" for item in bad[:5])
+        raise RuntimeError(
+            f"proposals chunk {chunk} of {num_chunks} ({image_list}): no good image among "
+            f"{len(entries)} (first reasons: {reasons or 'the chunk is empty'})"
+        )
+    good.sort(key=lambda item: item.key)
+    _write_parquet(good, settings, out_parquet)
+    rules = Counter(item.rule for item in good)
+    report = ChunkReport(
+        chunk=chunk,
+        num_chunks=num_chunks,
+        images=len(entries),
+        good=len(good),
+        bad=len(bad),
+        bad_files=[dataclasses.asdict(item) for item in bad],
+        rules={rule: rules.get(rule, 0) for rule in RULES},
+        mean_proposals=float(np.mean([len(item.boxes) for item in good])),
+        mean_candidates=float(np.mean([item.candidates for item in good])),
+        seconds=seconds,
+        images_per_second=len(entries) / seconds,
+        processes=processes,
+        settings=settings.to_dict(),
+    )
+    write_json_atomic(out_report, report.to_dict())
+    return report
+
+
+def _write_parquet(rows: Sequence[ImageProposals], settings: ProposalSettings, out: Path) -> None:
+    table = pa.Table.from_pydict(
+        {
+            "key": [row.key for row in rows],
+            "path": [row.path for row in rows],
+            "width": [row.width for row in rows],
+            "height": [row.height for row in rows],
+            "boxes": [row.boxes.reshape(-1).tolist() for row in rows],
+            "rule": [row.rule for row in rows],
+        },
+        schema=PARQUET_SCHEMA,
+    )
+    metadata = {"format": PROPOSALS_FORMAT, "settings": settings.to_dict()}
+    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_proposals(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of a chunk parquet (``boxes`` as (K, 4) float64 arrays) and the settings that made it."""
+    table = pq.read_table(path)
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    metadata = json.loads(raw) if raw else {}
+    if metadata.get("format") != PROPOSALS_FORMAT or table.schema.remove_metadata() != PARQUET_SCHEMA:
+        raise ValueError(
+            f"{path}: not a regioncl proposals file (expected format {PROPOSALS_FORMAT!r} with columns "
+            f"{', '.join(PARQUET_SCHEMA.names)}); re-run the proposals stage"
+        )
+    rows = table.to_pylist()
+    for row in rows:
+        row["boxes"] = np.asarray(row["boxes"], dtype=np.float64).reshape(-1, 4)
+    return rows, metadata["settings"]

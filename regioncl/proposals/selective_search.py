@@ -1,0 +1,128 @@
+"""Selective search (Uijlings et al. 2013) with OpenCV's ximgproc, behind a resize policy.
+
+Cost grows with the pixel count (ECOSYSTEM.md: ~1.5 s per 500x375 image in fast mode), so the
+image may be shrunk before segmenting; boxes always come back in original pixels.
+
+SoCo's released proposals used a single HSV strategy on a Felzenszwalb segmentation with
+scale 300 and sigma 0.9 at full resolution (spec_soco §2.1 [C]); the closest OpenCV setting is
+``mode="single", base_k=300, sigma=0.9, max_side=None``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from regioncl.proposals import check_settings_keys
+
+# OpenCV strategy switches per mode. "single" uses one HSV colour space, one k, and all four
+# similarities (colour, texture, size, fill); fast/quality diversify over colour spaces and k.
+_SWITCH = {
+    "fast": lambda ss, s: ss.switchToSelectiveSearchFast(s.base_k, s.inc_k, s.sigma),
+    "quality": lambda ss, s: ss.switchToSelectiveSearchQuality(s.base_k, s.inc_k, s.sigma),
+    "single": lambda ss, s: ss.switchToSingleStrategy(s.base_k, s.sigma),
+}
+MODES = tuple(_SWITCH)
+
+# OpenCV ranks regions by ``level * rand()`` with the C library's global rand(), so the order
+# of the output would depend on how many images the process segmented before. Reseeding it per
+# image makes the ranking (and ``max_boxes``) a function of the image alone.
+_C_RAND_SEED = 1
+_libc = ctypes.CDLL(None)
+
+
+@dataclass(frozen=True)
+class SelectiveSearchSettings:
+    """How to run selective search.
+
+    mode:     "fast" | "quality" | "single" (OpenCV's switchToSelectiveSearchFast/Quality,
+              switchToSingleStrategy).
+    max_side: shrink the image so its longer side is at most this (None: no cap).
+    min_side: alternatively, shrink so the shorter side is at most this. Images are never
+              enlarged: upsampling adds cost and no detail. Both None = full resolution.
+    base_k, inc_k, sigma: Felzenszwalb parameters of the initial segmentations (OpenCV's
+              defaults; "single" uses ``base_k`` as its k and ignores ``inc_k``).
+    """
+
+    mode: str = "fast"
+    max_side: int | None = None
+    min_side: int | None = None
+    base_k: int = 150
+    inc_k: int = 150
+    sigma: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"selective_search.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.max_side is not None and self.min_side is not None:
+            raise ValueError(
+                f"selective_search: set max_side ({self.max_side}) or min_side ({self.min_side}), not both"
+            )
+        for name in ("max_side", "min_side"):
+            value = getattr(self, name)
+            if value is not None and value < 8:
+                raise ValueError(f"selective_search.{name} must be >= 8 px or null, got {value}")
+        if self.base_k < 1 or self.inc_k < 1 or not self.sigma > 0:
+            raise ValueError(
+                f"selective_search: base_k, inc_k must be >= 1 and sigma > 0, "
+                f"got {self.base_k}, {self.inc_k}, {self.sigma}"
+            )
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], where: str = "proposals.selective_search"
+    ) -> SelectiveSearchSettings:
+        check_settings_keys(cls, data, where)
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def segmentation_size(width: int, height: int, settings: SelectiveSearchSettings) -> tuple[int, int]:
+    """``(width, height)`` at which to segment a ``width x height`` image under the resize policy."""
+    scale = 1.0
+    if settings.max_side is not None:
+        scale = min(1.0, settings.max_side / max(width, height))
+    elif settings.min_side is not None:
+        scale = min(1.0, settings.min_side / min(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def rects_to_boxes(rects: np.ndarray, segmented: tuple[int, int], original: tuple[int, int]) -> np.ndarray:
+    """OpenCV rects ``(K, 4) x, y, w, h`` (integer px of the segmented image) -> ``(K, 4)``
+    float64 ``x1, y1, x2, y2`` in original px.
+
+    A rect covers pixel columns ``x .. x+w-1``, i.e. the continuous interval ``[x, x+w]``;
+    each axis scales by ``original / segmented`` (per axis, since rounding the resized size
+    changes the aspect slightly).
+    """
+    rects = np.asarray(rects, dtype=np.float64).reshape(-1, 4)
+    scale_x = original[0] / segmented[0]
+    scale_y = original[1] / segmented[1]
+    x, y, w, h = rects.T
+    boxes = np.stack([x * scale_x, y * scale_y, (x + w) * scale_x, (y + h) * scale_y], axis=1)
+    # Rects never leave the segmented image, but the products above may overshoot by an ulp.
+    return np.clip(boxes, 0.0, [original[0], original[1], original[0], original[1]])
+
+
+def selective_search(image_rgb: np.ndarray, settings: SelectiveSearchSettings) -> np.ndarray:
+    """Proposals of an ``(H, W, 3)`` uint8 RGB image: ``(K, 4)`` float64 x1y1x2y2 in its pixels,
+    in OpenCV's ranking order (deterministic, see ``_C_RAND_SEED``)."""
+    height, width = image_rgb.shape[:2]
+    seg_w, seg_h = segmentation_size(width, height, settings)
+    bgr = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+    if (seg_w, seg_h) != (width, height):
+        bgr = cv2.resize(bgr, (seg_w, seg_h), interpolation=cv2.INTER_AREA)
+    search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    search.setBaseImage(bgr)
+    _SWITCH[settings.mode](search, settings)
+    _libc.srand(_C_RAND_SEED)
+    rects = search.process()
+    return rects_to_boxes(rects, (seg_w, seg_h), (width, height))

@@ -1,0 +1,169 @@
+"""Weight conversion: key maps for detectron2 and torchvision, strictness, file formats."""
+
+from __future__ import annotations
+
+import functools
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from regioncl.convert import (
+    DETECTRON2_BACKBONE,
+    TORCHVISION_BACKBONE,
+    ConversionError,
+    convert_checkpoint,
+    map_keys,
+)
+from regioncl.transfer.benchmarks import BenchmarkSettings
+from regioncl.transfer.torchvision_backend import build_detector, load_pretrained_weights
+
+
+@functools.lru_cache(maxsize=None)
+def seeded_resnet_state(arch: str) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return getattr(torchvision.models, arch)(weights=None).state_dict()
+
+
+def resnet_backbone(arch: str) -> dict[str, torch.Tensor]:
+    """A pretrained checkpoint's `backbone` entry (a fresh dict: tests may edit it)."""
+    return {k: v for k, v in seeded_resnet_state(arch).items() if not k.startswith("fc.")}
+
+
+def write_pretrained(path: Path, arch: str, backbone: dict, transfer: dict | None = None) -> Path:
+    torch.save(
+        {
+            "format": "regioncl.pretrained/1",
+            "method": "moco_v2",
+            "arch": arch,
+            "steps": 10,
+            "epochs": 1,
+            "backbone": backbone,
+            "transfer": transfer or {},
+            "config": {"arch": arch},
+        },
+        path,
+    )
+    return path
+
+
+def moco_detectron2_name(key: str) -> str:
+    """MoCo's published converter (convert-pretrain-to-detectron2.py), an independent oracle."""
+    if "layer" not in key:
+        key = "stem." + key
+    for t in [1, 2, 3, 4]:
+        key = key.replace(f"layer{t}", f"res{t + 1}")
+    for t in [1, 2, 3]:
+        key = key.replace(f"bn{t}", f"conv{t}.norm")
+    key = key.replace("downsample.0", "shortcut")
+    return key.replace("downsample.1", "shortcut.norm")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_every_backbone_key_maps_to_moco_converter_names(arch: str) -> None:
+    backbone = resnet_backbone(arch)
+    renamed, dropped, unmapped = map_keys(backbone, DETECTRON2_BACKBONE)
+    assert unmapped == []
+    assert dropped and all(k.endswith("num_batches_tracked") for k in dropped)
+    expected = {moco_detectron2_name(k) for k in backbone if k not in dropped}
+    assert set(renamed) == expected
+
+
+def test_detectron2_names_checked_by_hand() -> None:
+    r50, _, _ = map_keys(resnet_backbone("resnet50"), DETECTRON2_BACKBONE)
+    r18, _, _ = map_keys(resnet_backbone("resnet18"), DETECTRON2_BACKBONE)
+    r50_source = resnet_backbone("resnet50")
+    assert torch.equal(
+        r50["res2.0.shortcut.norm.running_var"], r50_source["layer1.0.downsample.1.running_var"]
+    )
+    assert torch.equal(r50["stem.conv1.norm.weight"], r50_source["bn1.weight"])
+    assert torch.equal(r50["res3.0.conv3.weight"], r50_source["layer2.0.conv3.weight"])
+    assert torch.equal(r50["res5.2.conv2.norm.bias"], r50_source["layer4.2.bn2.bias"])
+    assert "stem.conv1.weight" in r18 and "res3.0.shortcut.weight" in r18
+    assert "res2.0.shortcut.weight" not in r18  # BasicBlock stage 1 keeps 64 channels
+    assert "res2.0.conv3.weight" not in r18  # BasicBlock has two convs
+    assert not any("num_batches_tracked" in k for k in r18)
+
+
+def test_torchvision_names_prefix_the_resnet_keys() -> None:
+    renamed, _, unmapped = map_keys(resnet_backbone("resnet18"), TORCHVISION_BACKBONE)
+    assert unmapped == []
+    assert "backbone.body.layer1.0.conv1.weight" in renamed
+    assert "backbone.body.bn1.running_mean" in renamed
+    assert all(k.startswith("backbone.body.") for k in renamed)
+
+
+def test_detectron2_pkl_is_a_pickle_of_numpy_arrays(tmp_path: Path) -> None:
+    source = resnet_backbone("resnet18")
+    ckpt = write_pretrained(tmp_path / "ckpt.pt", "resnet18", source)
+    report = convert_checkpoint(ckpt, tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
+    with open(tmp_path / "w.d2.pkl", "rb") as f:
+        weights = pickle.load(f)
+    assert weights["__author__"] == "regioncl"
+    assert weights["matching_heuristics"] is True
+    model = weights["model"]
+    assert all(isinstance(v, np.ndarray) for v in model.values())
+    assert len(model) == report.detectron2_keys == report.torchvision_keys
+    np.testing.assert_array_equal(model["res3.0.shortcut.weight"], source["layer2.0.downsample.0.weight"].numpy())
+    assert report.arch == "resnet18" and report.method == "moco_v2"
+
+
+def test_torchvision_weights_load_into_the_detector(tmp_path: Path) -> None:
+    source = resnet_backbone("resnet18")
+    ckpt = write_pretrained(tmp_path / "ckpt.pt", "resnet18", source)
+    convert_checkpoint(ckpt, tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
+    saved = torch.load(tmp_path / "w.tv.pth", weights_only=True)
+    assert saved["format"] == "regioncl.torchvision/1"
+    assert (saved["arch"], saved["method"]) == ("resnet18", "moco_v2")
+
+    benchmark = BenchmarkSettings.from_dict(
+        {"name": "b", "dataset": {"root": "."}, "model": "faster_rcnn", "arch": "resnet18",
+         "norm": "bn", "heads": {"fpn_channels": 32, "box_head_dim": 64}}
+    )
+    model = build_detector(benchmark, num_classes=2)
+    load_pretrained_weights(model, tmp_path / "w.tv.pth", "resnet18")
+    loaded = model.state_dict()
+    for key, value in source.items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(loaded[f"backbone.body.{key}"], value), key
+
+
+def test_dropped_key_fails_naming_it_and_writes_nothing(tmp_path: Path) -> None:
+    source = resnet_backbone("resnet18")
+    del source["layer3.1.bn2.running_var"]
+    ckpt = write_pretrained(tmp_path / "ckpt.pt", "resnet18", source)
+    with pytest.raises(ConversionError, match=r"missing backbone\.body\.layer3\.1\.bn2\.running_var"):
+        convert_checkpoint(ckpt, tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
+    assert not (tmp_path / "w.tv.pth").exists() and not (tmp_path / "w.d2.pkl").exists()
+
+
+def test_wrong_shape_fails_naming_the_key(tmp_path: Path) -> None:
+    source = resnet_backbone("resnet18")
+    source["layer2.0.conv1.weight"] = torch.zeros(128, 64, 1, 1)
+    ckpt = write_pretrained(tmp_path / "ckpt.pt", "resnet18", source)
+    with pytest.raises(ConversionError, match=r"layer2\.0\.conv1\.weight has shape \(128, 64, 1, 1\)"):
+        convert_checkpoint(ckpt, tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
+
+
+def test_unexpected_key_and_unmapped_module_are_named(tmp_path: Path) -> None:
+    source = resnet_backbone("resnet18")
+    source["fc.weight"] = torch.zeros(10, 512)
+    ckpt = write_pretrained(
+        tmp_path / "ckpt.pt", "resnet18", source, transfer={"fpn": {"inner.weight": torch.zeros(1)}}
+    )
+    with pytest.raises(ConversionError) as error:
+        convert_checkpoint(ckpt, tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
+    message = str(error.value)
+    assert "unexpected fc.weight" in message
+    assert "backbone.fc.weight has no rule" in message
+    assert "no key map for transferred module 'fpn'" in message
+
+
+def test_wrong_format_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pt"
+    torch.save({"format": "something/else"}, path)
+    with pytest.raises(ConversionError, match="expected 'regioncl.pretrained/1'"):
+        convert_checkpoint(path, tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")

@@ -1,0 +1,149 @@
+"""COCO metrics: known values on hand-made detections, parity with pycocotools, result format."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from regioncl.transfer.evaluate import METRIC_NAMES, coco_metrics, to_coco_detections
+
+HEIGHT = WIDTH = 200
+# (image_id, category_id, x, y, w, h): small (< 32^2), medium and large (> 96^2) objects.
+GT_BOXES = [
+    (1, 1, 10, 10, 20, 20),
+    (1, 2, 50, 40, 60, 50),
+    (2, 1, 20, 30, 110, 100),
+    (2, 2, 150, 150, 40, 40),
+    (3, 1, 60, 60, 40, 40),
+    (3, 2, 5, 100, 120, 98),
+]
+
+
+def rectangle_rle(x: int, y: int, w: int, h: int) -> dict:
+    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
+    mask[y : y + h, x : x + w] = 1
+    rle = mask_util.encode(np.asfortranarray(mask))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+@pytest.fixture(scope="module")
+def gt_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("gt") / "instances_val.json"
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.jpg", "width": WIDTH, "height": HEIGHT} for i in (1, 2, 3)],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+        "annotations": [
+            {"id": n, "image_id": i, "category_id": c, "bbox": [x, y, w, h], "area": w * h,
+             "iscrowd": 0, "segmentation": rectangle_rle(x, y, w, h)}
+            for n, (i, c, x, y, w, h) in enumerate(GT_BOXES, start=1)
+        ],
+    }
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def detection(i: int, c: int, x: float, y: float, w: float, h: float, score: float = 1.0) -> dict:
+    return {"image_id": i, "category_id": c, "bbox": [x, y, w, h], "score": score,
+            "segmentation": rectangle_rle(round(x), round(y), round(w), round(h))}
+
+
+def pycocotools_percent(gt_json: Path, detections: list[dict], iou_type: str) -> list[float]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_json))
+        dets = copy.deepcopy(detections)
+        if iou_type == "segm":
+            for d in dets:
+                d.pop("bbox")
+        evaluator = COCOeval(gt, gt.loadRes(dets), iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float(v * 100) for v in evaluator.stats[:6]]
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_perfect_detections_score_100(gt_json: Path, iou_type: str) -> None:
+    metrics = coco_metrics(gt_json, [detection(*box) for box in GT_BOXES], iou_type)
+    assert list(metrics) == list(METRIC_NAMES)
+    assert all(v == pytest.approx(100.0) for v in metrics.values())
+
+
+def test_a_missing_class_halves_the_ap(gt_json: Path) -> None:
+    only_class_1 = [detection(*box) for box in GT_BOXES if box[1] == 1]
+    metrics = coco_metrics(gt_json, only_class_1, "bbox")
+    assert metrics["AP"] == pytest.approx(50.0)
+    assert metrics["AP50"] == pytest.approx(50.0)
+
+
+def test_boxes_at_iou_063_count_for_ap50_only(gt_json: Path) -> None:
+    # Shifting a box right by 0.23 of its width gives IoU 0.77 / 1.23 = 0.626 with its ground
+    # truth: a hit at the IoU thresholds 0.50, 0.55 and 0.60, a miss at the 7 others.
+    shifted = [detection(i, c, x + 0.23 * w, y, w, h) for i, c, x, y, w, h in GT_BOXES]
+    metrics = coco_metrics(gt_json, shifted, "bbox")
+    assert metrics["AP50"] == pytest.approx(100.0)
+    assert metrics["AP75"] == pytest.approx(0.0)
+    assert metrics["AP"] == pytest.approx(30.0)
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_matches_pycocotools_on_noisy_detections(gt_json: Path, iou_type: str) -> None:
+    rng = np.random.default_rng(0)
+    detections = []
+    for i, c, x, y, w, h in GT_BOXES:
+        jitter = rng.uniform(-0.2, 0.2, size=4) * [w, h, w, h]
+        detections.append(detection(i, c, *np.clip([x, y, w, h] + jitter, 1, 150).tolist(), rng.uniform()))
+        detections.append(detection(i, 3 - c, x, y, w, h, rng.uniform(0, 0.5)))  # wrong class
+    metrics = coco_metrics(gt_json, detections, iou_type)
+    expected = pycocotools_percent(gt_json, detections, iou_type)
+    assert [metrics[name] for name in METRIC_NAMES] == pytest.approx(expected)
+    assert 0.0 < metrics["AP"] < 100.0
+
+
+def test_no_detections_score_zero(gt_json: Path) -> None:
+    assert coco_metrics(gt_json, [], "bbox") == {name: 0.0 for name in METRIC_NAMES}
+
+
+def test_size_ranges_without_ground_truth_are_none(gt_json: Path, tmp_path: Path) -> None:
+    coco = json.loads(gt_json.read_text())
+    coco["annotations"] = [a for a in coco["annotations"] if a["area"] > 96**2]
+    only_large = tmp_path / "large.json"
+    only_large.write_text(json.dumps(coco))
+    dets = [detection(*box) for box in GT_BOXES if box[4] * box[5] > 96**2]
+    metrics = coco_metrics(only_large, dets, "bbox")
+    assert metrics["APs"] is None and metrics["APm"] is None
+    assert metrics["APl"] == pytest.approx(100.0)
+
+
+def test_unknown_iou_type_is_rejected(gt_json: Path) -> None:
+    with pytest.raises(ValueError, match="iou_type: 'keypoints'"):
+        coco_metrics(gt_json, [], "keypoints")
+
+
+def test_torchvision_output_becomes_coco_results() -> None:
+    probabilities = torch.zeros(2, 1, 30, 40)
+    probabilities[0, 0, 2:22, 1:11] = 0.9
+    probabilities[1, 0, 5:8, 5:9] = 0.4  # below the 0.5 mask threshold
+    output = {
+        "boxes": torch.tensor([[1.0, 2.0, 11.0, 22.0], [5.0, 5.0, 9.0, 8.0]]),
+        "labels": torch.tensor([2, 1]),
+        "scores": torch.tensor([0.9, 0.3]),
+        "masks": probabilities,
+    }
+    results = to_coco_detections(output, image_id=17, category_ids=[3, 7])
+    assert [r["category_id"] for r in results] == [7, 3]
+    assert results[0]["bbox"] == [1.0, 2.0, 10.0, 20.0]
+    assert results[0]["image_id"] == 17 and results[0]["score"] == pytest.approx(0.9)
+    first = mask_util.decode(results[0]["segmentation"])
+    assert first.shape == (30, 40) and first.sum() == 200 and first[2:22, 1:11].all()
+    assert mask_util.decode(results[1]["segmentation"]).sum() == 0
+    json.dumps(results)  # plain JSON types only

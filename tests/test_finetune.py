@@ -1,0 +1,254 @@
+"""Finetuning torchvision detectors: data, schedule, determinism, exact resume, evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from regioncl.convert import convert_checkpoint
+from regioncl.data.layouts import DatasetSpec
+from regioncl.transfer.benchmarks import BenchmarkSettings, resolve_benchmark
+from regioncl.transfer.coco_data import CocoDetection, hflip
+from regioncl.transfer.evaluate import evaluate
+from regioncl.transfer.torchvision_backend import batch_indices, build_detector, finetune, lr_at
+
+CATEGORIES = [{"id": 3, "name": "square"}, {"id": 7, "name": "disc"}]
+
+
+def draw_split(root: Path, split: str, sizes: list[tuple[int, int]], rng: np.random.Generator) -> None:
+    """Noise images with 2-3 filled squares / discs each; COCO json with RLE masks."""
+    images, annotations = [], []
+    (root / split).mkdir(parents=True)
+    for image_id, (width, height) in enumerate(sizes, start=1):
+        pixels = rng.integers(0, 80, size=(height, width, 3), dtype=np.uint8)
+        for _ in range(int(rng.integers(2, 4))):
+            category = CATEGORIES[int(rng.integers(0, 2))]["id"]
+            side = int(rng.integers(16, 28))
+            x, y = int(rng.integers(0, width - side)), int(rng.integers(0, height - side))
+            mask = np.zeros((height, width), np.uint8)
+            if category == 3:
+                mask[y : y + side, x : x + side] = 1
+            else:
+                yy, xx = np.mgrid[:height, :width]
+                mask[(yy - y - side / 2 + 0.5) ** 2 + (xx - x - side / 2 + 0.5) ** 2 <= (side / 2) ** 2] = 1
+            pixels[mask > 0] = (220, 60, 60) if category == 3 else (60, 200, 220)
+            rle = mask_util.encode(np.asfortranarray(mask))
+            ys, xs = np.nonzero(mask)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
+                    "area": int(mask.sum()),
+                    "iscrowd": 0,
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                }
+            )
+        file_name = f"{image_id:03d}.png"
+        Image.fromarray(pixels).save(root / split / file_name)
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+    (root / "annotations").mkdir(exist_ok=True)
+    coco = {"images": images, "annotations": annotations, "categories": CATEGORIES}
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+
+
+@pytest.fixture(scope="module")
+def tiny_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_coco")
+    rng = np.random.default_rng(0)
+    draw_split(root, "train", [(96, 80), (64, 96), (80, 80), (96, 96), (72, 64), (88, 72)], rng)
+    draw_split(root, "val", [(96, 80), (80, 96), (64, 64)], rng)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrained_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(1)
+    backbone = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
+    ckpt = out / "ckpt.pt"
+    torch.save(
+        {"format": "regioncl.pretrained/1", "method": "moco_v2", "arch": "resnet18", "steps": 1,
+         "epochs": 1, "backbone": backbone, "transfer": {}, "config": {}},
+        ckpt,
+    )
+    convert_checkpoint(ckpt, out / "w.tv.pth", out / "w.d2.pkl")
+    return out / "w.tv.pth"
+
+
+def tiny_benchmark(root: Path, **overrides) -> BenchmarkSettings:
+    settings = {
+        "name": "tiny",
+        "dataset": {"root": str(root)},
+        "model": "faster_rcnn",
+        "arch": "resnet18",
+        "norm": "bn",
+        "heads": {"fpn_channels": 16, "box_head_dim": 32, "mask_head_channels": 8,
+                  "rpn_batch_size_per_image": 32, "roi_batch_size_per_image": 16,
+                  "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
+                  "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50},
+        "input": {"min_size": [80, 96], "max_size": 128},
+        "solver": {"lr": 0.01, "iterations": 4, "batch_size": 2, "warmup_iters": 2,
+                   "lr_steps": [3], "checkpoint_every": 2},
+        "eval": {"score_threshold": 0.0},
+    }
+    settings.update(overrides)
+    return BenchmarkSettings.from_dict(settings)
+
+
+def with_iterations(benchmark: BenchmarkSettings, iterations: int) -> BenchmarkSettings:
+    return dataclasses.replace(benchmark, solver=dataclasses.replace(benchmark.solver, iterations=iterations))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_coco: Path, pretrained_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("straight")
+    finetune(tiny_benchmark(tiny_coco), pretrained_weights, seed=5, out=out / "model.pt", workdir=out / "work")
+    return out / "model.pt"
+
+
+def test_benchmark_settings_reject_unknown_keys_by_name() -> None:
+    with pytest.raises(ValueError, match=r"BenchmarkSettings\.solver: unknown key\(s\) \['lrate'\]"):
+        BenchmarkSettings.from_dict({"name": "b", "dataset": {"root": "."}, "solver": {"lrate": 0.1}})
+    with pytest.raises(ValueError, match=r"model: 'yolo' is not one of"):
+        BenchmarkSettings.from_dict({"name": "b", "dataset": {"root": "."}, "model": "yolo"})
+    with pytest.raises(ValueError, match="needs norm 'frozen_bn'"):
+        BenchmarkSettings.from_dict({"name": "b", "dataset": {"root": "."}, "trainable_layers": 3})
+
+
+def test_resolved_benchmark_round_trips_through_json() -> None:
+    dataset = DatasetSpec(name="embedded", layout="embedded", root=Path("/data/embedded"))
+    resolved = resolve_benchmark("b", {"model": "faster_rcnn", "arch": "resnet18"}, dataset)
+    assert (resolved["arch"], resolved["dataset_name"]) == ("resnet18", "embedded")
+    settings = BenchmarkSettings.from_dict(json.loads(json.dumps(resolved)))
+    assert settings.dataset.path("val_json") == Path("/data/embedded/annotations/instances_val.json")
+    assert settings.input.min_size == (640, 672, 704, 736, 768, 800)
+    assert settings == BenchmarkSettings.from_dict(resolved)
+
+
+@pytest.mark.parametrize(("norm", "trainable_layers"), [("syncbn", 5), ("frozen_bn", 3)])
+def test_norm_choices_build_trainable_detectors(tiny_coco: Path, norm: str, trainable_layers: int) -> None:
+    benchmark = tiny_benchmark(tiny_coco, norm=norm, trainable_layers=trainable_layers)
+    model = build_detector(benchmark, num_classes=2).train()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    expected_frozen = trainable_layers < 5
+    assert any(n.startswith("backbone.body.layer1.") for n in frozen) == expected_frozen
+    assert not any(n.startswith("backbone.body.layer2.") for n in frozen)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()) == (norm == "syncbn")
+    data = CocoDetection(tiny_coco / "annotations/instances_train.json", tiny_coco / "train", with_masks=False)
+    (image_a, target_a), (image_b, target_b) = data[0], data[1]
+    losses = model([image_a, image_b], [target_a, target_b])
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_dataset_targets_follow_the_annotations(tiny_coco: Path) -> None:
+    data = CocoDetection(tiny_coco / "annotations/instances_train.json", tiny_coco / "train", with_masks=True)
+    image, target = data[0]
+    assert image.shape == (3, 80, 96) and 0.0 <= image.min() and image.max() <= 1.0
+    assert set(target["labels"].tolist()) <= {1, 2}  # category ids 3, 7 -> labels 1, 2
+    for box, mask in zip(target["boxes"], target["masks"]):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert box.tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+
+
+def test_hflip_mirrors_boxes_with_their_masks(tiny_coco: Path) -> None:
+    data = CocoDetection(tiny_coco / "annotations/instances_train.json", tiny_coco / "train", with_masks=True)
+    image, target = data[1]
+    flipped_image, flipped = hflip(image, target)
+    assert torch.equal(flipped_image.flip(-1), image)
+    for box, mask in zip(flipped["boxes"], flipped["masks"]):
+        xs = torch.nonzero(mask, as_tuple=True)[1]
+        assert (box[0].item(), box[2].item()) == (xs.min().item(), xs.max().item() + 1)
+
+
+def test_lr_warms_up_linearly_then_decays_at_the_steps() -> None:
+    solver = tiny_benchmark(Path(".")).solver  # lr 0.01, warm-up 2 from 0.001, step at 3
+    assert math.isclose(lr_at(solver, 0), 0.01 * 0.001)
+    assert math.isclose(lr_at(solver, 1), 0.01 * (0.001 * 0.5 + 0.5))
+    assert math.isclose(lr_at(solver, 2), 0.01)
+    assert math.isclose(lr_at(solver, 3), 0.001)
+
+
+def test_each_epoch_visits_every_image_once_in_a_seeded_order() -> None:
+    order = [i for it in range(5) for i in batch_indices(seed=3, iteration=it, batch_size=2, size=5)]
+    assert sorted(order[:5]) == list(range(5)) and sorted(order[5:10]) == list(range(5))
+    assert order[:5] != order[5:10] or order[:5] != list(range(5))
+    assert batch_indices(3, 4, 2, 5) == batch_indices(3, 4, 2, 5)
+    assert batch_indices(3, 0, 5, 5) != batch_indices(4, 0, 5, 5)
+
+
+def test_finetune_writes_the_detector(straight_run: Path, pretrained_weights: Path) -> None:
+    saved = torch.load(straight_run, weights_only=True)
+    assert saved["format"] == "regioncl.detector/1"
+    assert (saved["benchmark"], saved["seed"], saved["weights"]) == ("tiny", 5, str(pretrained_weights))
+    assert saved["category_ids"] == [3, 7] and saved["method"] == "moco_v2"
+    assert saved["state_dict"]["roi_heads.box_predictor.cls_score.weight"].shape == (3, 32)
+
+
+def test_resumed_run_equals_the_uninterrupted_one(
+    straight_run: Path, tiny_coco: Path, pretrained_weights: Path, tmp_path: Path
+) -> None:
+    benchmark = tiny_benchmark(tiny_coco)
+    workdir = tmp_path / "work"
+    finetune(with_iterations(benchmark, 2), pretrained_weights, 5, tmp_path / "half.pt", workdir)
+    assert torch.load(workdir / "checkpoint_last.pt", weights_only=True)["iteration"] == 2
+    finetune(benchmark, pretrained_weights, 5, tmp_path / "model.pt", workdir)
+    resumed = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    straight = torch.load(straight_run, weights_only=True)["state_dict"]
+    half = torch.load(tmp_path / "half.pt", weights_only=True)["state_dict"]
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert not torch.equal(half["backbone.body.conv1.weight"], straight["backbone.body.conv1.weight"])
+
+
+def test_resume_refuses_a_checkpoint_of_another_seed(
+    straight_run: Path, tiny_coco: Path, pretrained_weights: Path, tmp_path: Path
+) -> None:
+    workdir = straight_run.parent / "work"  # holds the seed-5 run's last checkpoint
+    with pytest.raises(ValueError, match="checkpoint has seed=5, this run has 6"):
+        finetune(tiny_benchmark(tiny_coco), pretrained_weights, 6, tmp_path / "m.pt", workdir)
+
+
+def test_weights_missing_a_backbone_key_are_refused_by_name(
+    tiny_coco: Path, pretrained_weights: Path, tmp_path: Path
+) -> None:
+    weights = torch.load(pretrained_weights, weights_only=True)
+    del weights["state_dict"]["backbone.body.layer4.1.conv2.weight"]
+    torch.save(weights, tmp_path / "broken.tv.pth")
+    with pytest.raises(ValueError, match=r"missing backbone key backbone\.body\.layer4\.1\.conv2\.weight"):
+        finetune(tiny_benchmark(tiny_coco), tmp_path / "broken.tv.pth", 0, tmp_path / "m.pt", tmp_path / "w")
+
+
+def assert_metrics_in_range(metrics: dict) -> None:
+    assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert all(v is None or 0.0 <= v <= 100.0 for v in metrics.values())
+    assert all(metrics[k] is not None for k in ("AP", "AP50", "AP75"))
+
+
+def test_evaluate_writes_box_metrics(straight_run: Path, tiny_coco: Path, tmp_path: Path) -> None:
+    record = evaluate(tiny_benchmark(tiny_coco), straight_run, tmp_path / "metrics.json", run="r")
+    assert json.loads((tmp_path / "metrics.json").read_text()) == record
+    assert set(record["metrics"]) == {"bbox"}
+    assert_metrics_in_range(record["metrics"]["bbox"])
+    assert (record["benchmark"], record["run"], record["method"], record["seed"]) == ("tiny", "r", "moco_v2", 5)
+    assert set(record["versions"]) == {"torch", "torchvision", "pycocotools", "regioncl"}
+
+
+def test_mask_rcnn_from_random_init_finetunes_and_evaluates_masks(tiny_coco: Path, tmp_path: Path) -> None:
+    benchmark = with_iterations(tiny_benchmark(tiny_coco, model="mask_rcnn"), 1)
+    finetune(benchmark, None, 0, tmp_path / "model.pt", tmp_path / "work")
+    record = evaluate(benchmark, tmp_path / "model.pt", tmp_path / "metrics.json")
+    assert set(record["metrics"]) == {"bbox", "segm"}
+    assert record["method"] == "random" and record["weights"] == "none"
+    for metrics in record["metrics"].values():
+        assert_metrics_in_range(metrics)
