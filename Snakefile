@@ -1,7 +1,12 @@
 # regioncl: raw images -> proposals -> shards -> pretraining -> conversion -> finetuning ->
 # evaluation -> tables. The stages live in workflow/rules/, one file each; every rule calls
 # the `regioncl` CLI. Default config: the embedded dataset on a laptop CPU.
+import sys
+
 from snakemake.utils import min_version, validate
+
+# The regioncl package of this checkout, also where it is not pip-installed (conda envs).
+sys.path.insert(0, workflow.basedir)
 
 min_version("9.0")
 
@@ -24,7 +29,12 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tables.smk"
 
 
+# Shards and converted weights are targets too, not just intermediates: they are products
+# users keep (shards feed every pretraining run), and Snakemake rebuilds a deleted target,
+# then re-runs what depends on it. A deleted intermediate would be silently ignored.
 rule all:
     input:
         TABLES,
+        PLAN.shards_of(PLAN.pretrain_dataset),
+        PLAN.converted_weights(),
     default_target: True

@@ -76,13 +76,14 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     if args.nproc_per_node > 1 and not _launched_distributed():
         # One process per device: re-launch this same command under torchrun.
         torchrun = shutil.which("torchrun") or "torchrun"
-        argv = [a for a in sys.argv[1:]]
-        command = [torchrun, "--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "regioncl.cli", *argv]
-        env = {**os.environ, "REGIONCL_LAUNCHED": "1"}
-        raise SystemExit(subprocess.call(command, env=env))
-    from regioncl.engine import PretrainSettings, pretrain
+        command = [torchrun, "--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "regioncl.cli", *args.argv]
+        raise SystemExit(subprocess.call(command))
+    from regioncl.engine import PretrainSettings, pretrain, run_identity
 
-    pretrain(PretrainSettings.from_dict(args.settings), args.shards, args.out, args.workdir)
+    settings = PretrainSettings.from_dict(args.settings)
+    # Checkpoints of other settings or data stay beside this run's, never resumed by it.
+    workdir = args.workdir / run_identity(settings, args.shards)
+    pretrain(settings, args.shards, args.out, workdir)
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
@@ -97,16 +98,17 @@ def _weights(value: str) -> Path | None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
-    from regioncl.transfer import BenchmarkSettings, finetune
+    from regioncl.transfer.benchmarks import BenchmarkSettings
+    from regioncl.transfer.torchvision_backend import finetune
 
     finetune(BenchmarkSettings.from_dict(args.settings), args.weights, args.seed, args.out, args.workdir)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from regioncl.transfer import BenchmarkSettings, evaluate
+    from regioncl.transfer.benchmarks import BenchmarkSettings
+    from regioncl.transfer.evaluate import evaluate
 
-    record = {"run": args.run, "method": args.method, "seed": args.seed}
-    metrics = evaluate(BenchmarkSettings.from_dict(args.settings), args.model, args.out, record=record)
+    metrics = evaluate(BenchmarkSettings.from_dict(args.settings), args.model, args.out, run=args.run, method=args.method)
     print(json.dumps(metrics["metrics"], indent=2), file=sys.stderr)
 
 
@@ -176,7 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--run", required=True)
     p.add_argument("--method", required=True)
-    p.add_argument("--seed", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -189,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     args.func(args)
 
 

@@ -9,6 +9,7 @@ stage's typed settings. Every problem is raised before any job runs, naming the 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,12 @@ class FinetuneJob:
     @property
     def directory(self) -> str:
         return f"results/finetune/{self.run}/{self.benchmark}/seed{self.seed}"
+
+
+def use_package_from(source_root: str) -> None:
+    """Put ``source_root`` first on PYTHONPATH for every job this process starts."""
+    current = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([source_root, current] if current else [source_root])
 
 
 def run_name(method: str, arch: str, epochs: int) -> str:
@@ -84,6 +91,7 @@ class WorkflowPlan:
         self.benchmarks = self._resolve_benchmarks(config.get("benchmarks", {}), finetune["benchmarks"])
         self.jobs = self._finetune_jobs(finetune)
 
+        self.resources: dict[str, dict[str, Any]] = config.get("resources", {})
         self._validate_stage_settings()
         if check_datasets:
             for name in self._datasets_in_use():
@@ -213,11 +221,18 @@ class WorkflowPlan:
     def weights_arg(self, run: str) -> str:
         return "none" if run in self.baselines else f"results/weights/{run}.tv.pth"
 
+    def converted_weights(self) -> list[str]:
+        return [f"results/weights/{run}.{suffix}" for run in self.runs for suffix in ("tv.pth", "d2.pkl")]
+
     def method_of(self, run: str) -> str:
         return run if run in self.baselines else self.runs[run].method
 
     def metrics_files(self) -> list[str]:
         return [f"{job.directory}/metrics.json" for job in self.jobs]
+
+    def resource(self, stage: str, key: str, default: Any) -> Any:
+        """A per-rule cluster resource from the config's `resources` section (else `default`)."""
+        return self.resources.get(stage, {}).get(key, self.resources.get("default", {}).get(key, default))
 
     @staticmethod
     def quoted(settings: dict[str, Any]) -> str:

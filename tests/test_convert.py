@@ -19,7 +19,10 @@ from regioncl.convert import (
     map_keys,
 )
 from regioncl.transfer.benchmarks import BenchmarkSettings
-from regioncl.transfer.torchvision_backend import build_detector, load_pretrained_weights
+from regioncl.transfer.torchvision_backend import (
+    build_detector,
+    load_pretrained_weights,
+)
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,7 +19,12 @@ from regioncl.data.layouts import DatasetSpec
 from regioncl.transfer.benchmarks import BenchmarkSettings, resolve_benchmark
 from regioncl.transfer.coco_data import CocoDetection, hflip
 from regioncl.transfer.evaluate import evaluate
-from regioncl.transfer.torchvision_backend import batch_indices, build_detector, finetune, lr_at
+from regioncl.transfer.torchvision_backend import (
+    batch_indices,
+    build_detector,
+    finetune,
+    lr_at,
+)
 
 CATEGORIES = [{"id": 3, "name": "square"}, {"id": 7, "name": "disc"}]
 

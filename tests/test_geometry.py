@@ -3,7 +3,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from regioncl.geometry import View, clip_boxes, map_boxes, map_points, random_resized_crop, render_view
+from regioncl.geometry import (
+    View,
+    clip_boxes,
+    map_boxes,
+    map_points,
+    random_resized_crop,
+    render_view,
+)
 
 
 @settings(max_examples=200, deadline=None)

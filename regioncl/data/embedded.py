@@ -43,6 +43,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from regioncl.io import write_bytes_atomic, write_json_atomic
+from regioncl.settings import Settings
 
 PHOTO_DIR = Path(skimage.__file__).parent / "data"
 
@@ -73,7 +74,7 @@ Box = tuple[int, int, int, int]  # (y0, y1, x0, x1) pixel window of an image, en
 
 
 @dataclass(frozen=True)
-class EmbeddedSettings:
+class EmbeddedSettings(Settings):
     """Parameters of the generator; ``version`` changes whenever its output for them changes."""
 
     version: ClassVar[int] = 1
@@ -136,24 +137,14 @@ class EmbeddedSettings:
         return round(self.min_short_side_fraction * self.image_size)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> EmbeddedSettings:
+    def from_dict(cls, d: Mapping[str, Any], where: str = "embedded") -> EmbeddedSettings:
         """Settings from a config section or a ``dataset.json`` (whose ``version`` must match)."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known - {"version"})
-        if unknown:
-            raise ValueError(
-                f"embedded settings: unknown key(s) {', '.join(map(repr, unknown))}; "
-                f"expected some of {sorted(known)}"
-            )
         if "version" in d and d["version"] != cls.version:
             raise ValueError(
-                f"embedded settings: version {d['version']!r} was written by another generator "
+                f"{where}: version {d['version']!r} was written by another generator "
                 f"version; this generator is version {cls.version} (regenerate the dataset)"
             )
-        return cls(**{name: value for name, value in d.items() if name in known})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return super().from_dict({key: value for key, value in d.items() if key != "version"}, where)
 
 
 # ---------------------------------------------------------------------------------------------

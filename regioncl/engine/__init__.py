@@ -5,6 +5,6 @@ The CLI calls ``pretrain(PretrainSettings.from_dict(config), shards, out, workdi
 """
 
 from regioncl.engine.settings import OptimizerSettings, PretrainSettings
-from regioncl.engine.train import pretrain
+from regioncl.engine.train import pretrain, run_identity
 
-__all__ = ["OptimizerSettings", "PretrainSettings", "pretrain"]
+__all__ = ["OptimizerSettings", "PretrainSettings", "pretrain", "run_identity"]

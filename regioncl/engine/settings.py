@@ -3,66 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from regioncl.methods.base import get_method
-
-
-def from_dict_strict(cls: type, data: Mapping[str, Any], where: str) -> Any:
-    """Build dataclass ``cls`` from ``data``; nested dataclasses, tuples, Optional and Literal are checked.
-
-    ``where`` prefixes every error message (e.g. "pretrain.optimizer") so it names the field.
-    """
-    if not isinstance(data, Mapping):
-        raise TypeError(f"{where}: expected a mapping, got {type(data).__name__}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {names}")
-    hints = typing.get_type_hints(cls)
-    values = {name: _coerce(data[name], hints[name], f"{where}.{name}") for name in names if name in data}
-    return cls(**values)
-
-
-def _coerce(value: Any, expected: Any, where: str) -> Any:
-    origin, args = typing.get_origin(expected), typing.get_args(expected)
-    if dataclasses.is_dataclass(expected):
-        return from_dict_strict(expected, value, where)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [arg for arg in args if arg is not type(None)]
-        return _coerce(value, inner, where)
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{where}: expected one of {list(args)}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise TypeError(f"{where}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(item, arg, f"{where}[{i}]") for i, (item, arg) in enumerate(zip(value, args)))
-    if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if expected in (int, str, bool) and not (type(value) is expected):
-        raise TypeError(f"{where}: expected {expected.__name__}, got {value!r}")
-    return value
-
-
-def to_plain_dict(settings: Any) -> dict[str, Any]:
-    """A dataclass as plain JSON-able values (tuples as lists), accepted back by ``from_dict_strict``."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {key: plain(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(item) for item in value]
-        return value
-
-    return plain(dataclasses.asdict(settings))
+from regioncl.settings import _coerce, from_dict_strict, to_plain_dict
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ uninterrupted run. At the end rank 0 writes the pretrained checkpoint ``out``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,6 @@ from tqdm import tqdm
 
 from regioncl.data.shards import ShardStream
 from regioncl.engine import dist
-from regioncl.models import gather
 from regioncl.engine.checkpoint import (
     capture_rng_state,
     load_latest_checkpoint,
@@ -37,9 +37,24 @@ from regioncl.engine.settings import PretrainSettings
 from regioncl.engine.views import ViewStream, epoch_batches, make_loader
 from regioncl.io import write_text_atomic
 from regioncl.methods.base import PretrainMethod, StepInfo, get_method
+from regioncl.models import gather
 
 # Settings that may change between a run and its resume without changing the result.
 RESUME_MAY_CHANGE = frozenset({"checkpoint_every_steps", "keep_checkpoints", "log_every", "device"})
+
+
+def run_identity(settings: PretrainSettings, shards: Sequence[str | Path]) -> str:
+    """A short hash of what a resumable checkpoint must share with the run resuming it.
+
+    The workflow keeps checkpoints under ``workdir/<identity>``: a re-run with the same
+    settings and shards resumes, while changed settings or rebuilt shards of another size
+    start a fresh run beside the old checkpoints instead of resuming from stale state.
+    (Shards are byte-reproducible, so a rebuilt identical shard still resumes.)
+    """
+    config = {key: value for key, value in settings.to_dict().items() if key not in RESUME_MAY_CHANGE}
+    data = sorted((Path(shard).name, Path(shard).stat().st_size) for shard in shards)
+    blob = json.dumps([config, data], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def pretrain(

@@ -1,5 +1,6 @@
 """Pretraining methods, registered by name (``get_method("moco_v2")``)."""
 
+from regioncl.methods import moco_v2  # noqa: E402,F401 -- importing a method module registers it
 from regioncl.methods.base import (
     METHODS,
     PretrainMethod,
@@ -9,6 +10,5 @@ from regioncl.methods.base import (
     pad_ragged,
     register_method,
 )
-from regioncl.methods import moco_v2  # noqa: E402,F401 -- importing a method module registers it
 
 __all__ = ["METHODS", "PretrainMethod", "StepInfo", "available_methods", "get_method", "pad_ragged", "register_method"]

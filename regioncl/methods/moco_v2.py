@@ -19,11 +19,10 @@ import torch
 from torch.nn import functional as F
 
 from regioncl.augment import MOCO_V2_RECIPE, apply_photometric, to_normalized_tensor
-from regioncl.models import gather
 from regioncl.geometry import random_resized_crop, render_view
 from regioncl.losses import info_nce
 from regioncl.methods.base import PretrainMethod, StepInfo, register_method
-from regioncl.models import FeatureQueue, MLPHead, ResNetBackbone, make_target
+from regioncl.models import FeatureQueue, MLPHead, ResNetBackbone, gather, make_target
 
 
 @dataclass(frozen=True)

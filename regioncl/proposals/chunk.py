@@ -12,13 +12,13 @@ import multiprocessing
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
@@ -28,9 +28,17 @@ from tqdm import tqdm
 
 from regioncl.data.sources import UnreadableImage, chunk_of, decode_rgb, read_image_list
 from regioncl.io import atomic_path, write_json_atomic
-from regioncl.proposals import check_settings_keys
-from regioncl.proposals.filters import RULES, BoxFilterSettings, filter_boxes, random_boxes
-from regioncl.proposals.selective_search import SelectiveSearchSettings, selective_search
+from regioncl.proposals.filters import (
+    RULES,
+    BoxFilterSettings,
+    filter_boxes,
+    random_boxes,
+)
+from regioncl.proposals.selective_search import (
+    SelectiveSearchSettings,
+    selective_search,
+)
+from regioncl.settings import Settings
 
 PROPOSAL_MODES = ("selective_search", "random")
 PROPOSALS_FORMAT = "regioncl.proposals/1"
@@ -50,7 +58,7 @@ PARQUET_SCHEMA = pa.schema(
 
 
 @dataclass(frozen=True)
-class ProposalSettings:
+class ProposalSettings(Settings):
     """Everything that decides a chunk's proposals (recorded in the parquet, report and shards).
 
     mode:             "selective_search", or "random" (SoCo's ablation: ``random_boxes``
@@ -63,6 +71,8 @@ class ProposalSettings:
     max_image_pixels: images with more pixels are skipped as bad (decompression-bomb guard,
                       checked from the header before decoding).
     """
+
+    section: ClassVar[str] = "proposals"
 
     mode: str = "selective_search"
     selective_search: SelectiveSearchSettings = field(default_factory=SelectiveSearchSettings)
@@ -83,19 +93,6 @@ class ProposalSettings:
                 f"got {self.min_image_side}, {self.max_image_pixels}"
             )
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "proposals") -> ProposalSettings:
-        check_settings_keys(cls, data, where)
-        nested = {
-            "selective_search": SelectiveSearchSettings.from_dict(
-                data.get("selective_search", {}), f"{where}.selective_search"
-            ),
-            "filter": BoxFilterSettings.from_dict(data.get("filter", {}), f"{where}.filter"),
-        }
-        return cls(**{**data, **nested})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)

@@ -14,23 +14,21 @@ Boxes are ``(K, 4)`` float ``x1, y1, x2, y2`` in pixels of the original image.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import numpy as np
 
-from regioncl.proposals import check_settings_keys
+from regioncl.settings import Settings
 
 # The rules, strictest first; the fallback chain walks them in this order.
 RULES = ("paper", "ratio_only", "size_only", "whole_image")
 
 
 @dataclass(frozen=True)
-class BoxFilterSettings:
+class BoxFilterSettings(Settings):
     """Which proposals to keep.
 
     max_aspect:   keep ``1/max_aspect <= w/h <= max_aspect`` (paper: 3).
@@ -43,6 +41,8 @@ class BoxFilterSettings:
                   the generator produced them (selective search's ranking, which
                   ``selective_search`` makes deterministic). None keeps all (paper).
     """
+
+    section: ClassVar[str] = "proposals.filter"
 
     max_aspect: float = 3.0
     min_rel_size: float = 0.3
@@ -64,13 +64,6 @@ class BoxFilterSettings:
         if self.max_boxes is not None and self.max_boxes < 1:
             raise ValueError(f"filter.max_boxes must be >= 1 or null, got {self.max_boxes}")
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "proposals.filter") -> BoxFilterSettings:
-        check_settings_keys(cls, data, where)
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def rule_masks(

@@ -11,15 +11,13 @@ scale 300 and sigma 0.9 at full resolution (spec_soco §2.1 [C]); the closest Op
 from __future__ import annotations
 
 import ctypes
-import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import cv2
 import numpy as np
 
-from regioncl.proposals import check_settings_keys
+from regioncl.settings import Settings
 
 # OpenCV strategy switches per mode. "single" uses one HSV colour space, one k, and all four
 # similarities (colour, texture, size, fill); fast/quality diversify over colour spaces and k.
@@ -38,7 +36,7 @@ _libc = ctypes.CDLL(None)
 
 
 @dataclass(frozen=True)
-class SelectiveSearchSettings:
+class SelectiveSearchSettings(Settings):
     """How to run selective search.
 
     mode:     "fast" | "quality" | "single" (OpenCV's switchToSelectiveSearchFast/Quality,
@@ -49,6 +47,8 @@ class SelectiveSearchSettings:
     base_k, inc_k, sigma: Felzenszwalb parameters of the initial segmentations (OpenCV's
               defaults; "single" uses ``base_k`` as its k and ignores ``inc_k``).
     """
+
+    section: ClassVar[str] = "proposals.selective_search"
 
     mode: str = "fast"
     max_side: int | None = None
@@ -74,15 +74,6 @@ class SelectiveSearchSettings:
                 f"got {self.base_k}, {self.inc_k}, {self.sigma}"
             )
 
-    @classmethod
-    def from_dict(
-        cls, data: Mapping[str, Any], where: str = "proposals.selective_search"
-    ) -> SelectiveSearchSettings:
-        check_settings_keys(cls, data, where)
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def segmentation_size(width: int, height: int, settings: SelectiveSearchSettings) -> tuple[int, int]:

@@ -81,7 +81,7 @@ def to_markdown(table: pd.DataFrame) -> str:
             _cell(mean, std, seeds)
             for mean, std, seeds in zip(table[mean_column], table[std_column], table["seeds"], strict=True)
         ]
-    return shown.to_markdown(index=False) + "\n"
+    return shown.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
 def _cell(mean: float, std: float, seeds: int) -> str:

@@ -18,12 +18,12 @@ roi_batch_size_per_image: 128}``): the same code path, smaller numbers.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from regioncl.data.layouts import DatasetSpec
+from regioncl.settings import Settings
 
 BACKENDS = ("torchvision",)
 MODEL_FAMILIES = ("faster_rcnn", "mask_rcnn")
@@ -56,37 +56,6 @@ def _check_choice(where: str, value: Any, choices: tuple[str, ...]) -> None:
 def _check_positive(where: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{where}: must be > 0, got {value!r}")
-
-
-class Settings:
-    """``from_dict`` for frozen dataclasses: unknown keys rejected by name, nesting, tuples."""
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str | None = None) -> Self:
-        where = where or cls.__name__
-        if not isinstance(data, dict):
-            raise TypeError(f"{where}: expected a mapping, got {type(data).__name__}")
-        hints = typing.get_type_hints(cls)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-        values = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in data:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise ValueError(f"{where}: missing required key {f.name!r}")
-                continue
-            value, hint = data[f.name], hints[f.name]
-            if isinstance(hint, type) and issubclass(hint, Settings):
-                value = hint.from_dict(value, f"{where}.{f.name}")
-            elif typing.get_origin(hint) is tuple and isinstance(value, list):
-                value = tuple(value)
-            values[f.name] = value
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)

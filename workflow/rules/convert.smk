@@ -7,8 +7,10 @@ rule convert:
     output:
         torchvision="results/weights/{run}.tv.pth",
         detectron2="results/weights/{run}.d2.pkl",
+    conda:
+        ENV,
     log:
         "results/logs/convert/{run}.log",
     shell:
-        "regioncl convert --checkpoint {input} --torchvision {output.torchvision} "
+        "python -m regioncl.cli convert --checkpoint {input} --torchvision {output.torchvision} "
         "--detectron2 {output.detectron2} 2>&1 | tee {log}"

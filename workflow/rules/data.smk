@@ -6,12 +6,14 @@ rule embedded_dataset:
     output:
         PLAN.embedded_outputs(),
     params:
-        root=PLAN.embedded_root,
+        root=lambda w, output: os.path.dirname(output[0]),
         settings=PLAN.quoted(PLAN.embedded_settings),
+    conda:
+        ENV,
     log:
         "results/logs/embedded_dataset.log",
     shell:
-        "regioncl embedded --out {params.root} --settings {params.settings} 2>&1 | tee {log}"
+        "python -m regioncl.cli embedded --out {params.root} --settings {params.settings} 2>&1 | tee {log}"
 
 
 rule image_list:
@@ -22,7 +24,9 @@ rule image_list:
     params:
         layout=lambda w: PLAN.dataset(w.dataset).layout,
         root=lambda w: PLAN.dataset(w.dataset).root,
+    conda:
+        ENV,
     log:
         "results/logs/image_list/{dataset}.log",
     shell:
-        "regioncl images --layout {params.layout} --root {params.root} --out {output} 2>&1 | tee {log}"
+        "python -m regioncl.cli images --layout {params.layout} --root {params.root} --out {output} 2>&1 | tee {log}"

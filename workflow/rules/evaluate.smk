@@ -11,9 +11,11 @@ rule evaluate:
         settings=lambda w: PLAN.quoted(PLAN.benchmark(w.benchmark)),
         method=lambda w: PLAN.method_of(w.run),
     threads: PLAN.finetune_threads
+    conda:
+        ENV,
     log:
         "results/logs/evaluate/{run}/{benchmark}/seed{seed}.log",
     shell:
-        "regioncl evaluate --settings {params.settings} --model {input.model} "
-        "--run {wildcards.run} --method {params.method} --seed {wildcards.seed} "
+        "python -m regioncl.cli evaluate --settings {params.settings} --model {input.model} "
+        "--run {wildcards.run} --method {params.method} "
         "--out {output} 2>&1 | tee {log}"

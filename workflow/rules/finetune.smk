@@ -13,10 +13,12 @@ rule finetune:
         workdir="results/work/finetune/{run}/{benchmark}/seed{seed}",
     threads: PLAN.finetune_threads
     resources:
-        runtime=resources_of("finetune", "runtime", 60),
-        mem_mb=resources_of("finetune", "mem_mb", 8000),
+        runtime=PLAN.resource("finetune", "runtime", 60),
+        mem_mb=PLAN.resource("finetune", "mem_mb", 8000),
+    conda:
+        ENV,
     log:
         "results/logs/finetune/{run}/{benchmark}/seed{seed}.log",
     shell:
-        "regioncl finetune --settings {params.settings} --weights {params.weights} "
+        "python -m regioncl.cli finetune --settings {params.settings} --weights {params.weights} "
         "--seed {wildcards.seed} --workdir {params.workdir} --out {output} 2>&1 | tee {log}"

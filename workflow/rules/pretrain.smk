@@ -14,11 +14,13 @@ rule pretrain:
         nproc=PLAN.pretrain_nproc_per_node,
     threads: PLAN.pretrain_threads
     resources:
-        runtime=resources_of("pretrain", "runtime", 60),
-        mem_mb=resources_of("pretrain", "mem_mb", 8000),
-        nodes=resources_of("pretrain", "nodes", 1),
+        runtime=PLAN.resource("pretrain", "runtime", 60),
+        mem_mb=PLAN.resource("pretrain", "mem_mb", 8000),
+        nodes=PLAN.resource("pretrain", "nodes", 1),
+    conda:
+        ENV,
     log:
         "results/logs/pretrain/{run}.log",
     shell:
-        "regioncl pretrain --settings {params.settings} --shards {input} "
+        "python -m regioncl.cli pretrain --settings {params.settings} --shards {input} "
         "--nproc-per-node {params.nproc} --workdir {params.workdir} --out {output} 2>&1 | tee {log}"

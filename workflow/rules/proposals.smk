@@ -12,11 +12,13 @@ rule proposals:
         settings=PLAN.quoted(PLAN.proposal_settings),
     threads: PLAN.proposal_processes
     resources:
-        runtime=resources_of("proposals", "runtime", 120),
-        mem_mb=resources_of("proposals", "mem_mb", 4000),
+        runtime=PLAN.resource("proposals", "runtime", 120),
+        mem_mb=PLAN.resource("proposals", "mem_mb", 4000),
+    conda:
+        ENV,
     log:
         "results/logs/proposals/{dataset}/{chunk}.log",
     shell:
-        "regioncl proposals run --list {input} --chunk {wildcards.chunk} "
+        "python -m regioncl.cli proposals run --list {input} --chunk {wildcards.chunk} "
         "--num-chunks {params.num_chunks} --processes {threads} --settings {params.settings} "
         "--out {output.proposals} --report {output.report} 2>&1 | tee {log}"

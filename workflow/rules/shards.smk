@@ -6,7 +6,9 @@ rule shards:
         "results/proposals/{dataset}/{chunk}.parquet",
     output:
         "results/shards/{dataset}/{chunk}.tar",
+    conda:
+        ENV,
     log:
         "results/logs/shards/{dataset}/{chunk}.log",
     shell:
-        "regioncl shards --proposals {input} --out {output} 2>&1 | tee {log}"
+        "python -m regioncl.cli shards --proposals {input} --out {output} 2>&1 | tee {log}"

@@ -7,8 +7,10 @@ rule tables:
     output:
         markdown=TABLES[0],
         csv=TABLES[1],
+    conda:
+        ENV,
     log:
         "results/logs/tables.log",
     shell:
-        "regioncl tables --metrics {input} --markdown {output.markdown} --csv {output.csv} "
+        "python -m regioncl.cli tables --metrics {input} --markdown {output.markdown} --csv {output.csv} "
         "2>&1 | tee {log}"
