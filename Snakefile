@@ -35,6 +35,8 @@ include: "workflow/rules/tables.smk"
 rule all:
     input:
         TABLES,
+        PAPER_TABLES,
         PLAN.shards_of(PLAN.pretrain_dataset),
+        f"results/proposals/{PLAN.pretrain_dataset}/stats.json",
         PLAN.converted_weights(),
     default_target: True

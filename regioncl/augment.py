@@ -69,3 +69,11 @@ def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float32, ImageNet-normalized."""
     tensor = F.to_dtype(F.to_image(image), torch.float32, scale=True)
     return F.normalize(tensor, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+
+
+# BYOL (Grill et al. 2020, table 6): asymmetric blur and solarization, weaker saturation jitter.
+# SoCo uses the same pair (its spec, sec. 2.3): the first for V1, the second for V2-V4.
+BYOL_RECIPES = (
+    PhotometricRecipe(saturation=0.2, blur_probability=1.0, solarize_probability=0.0),
+    PhotometricRecipe(saturation=0.2, blur_probability=0.1, solarize_probability=0.2),
+)

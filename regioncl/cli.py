@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,6 +57,12 @@ def _cmd_proposals_run(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_proposals_stats(args: argparse.Namespace) -> None:
+    from regioncl.proposals.stats import proposal_stats
+
+    proposal_stats(args.reports, args.proposals, args.out)
+
+
 def _cmd_shards(args: argparse.Namespace) -> None:
     from regioncl.data.shards import write_shard
 
@@ -67,17 +70,11 @@ def _cmd_shards(args: argparse.Namespace) -> None:
     print(f"{count} samples written to {args.out}", file=sys.stderr)
 
 
-def _launched_distributed() -> bool:
-    """True inside a torchrun worker or a multi-task SLURM step (rank comes from the env)."""
-    return "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-
-
 def _cmd_pretrain(args: argparse.Namespace) -> None:
-    if args.nproc_per_node > 1 and not _launched_distributed():
-        # One process per device: re-launch this same command under torchrun.
-        torchrun = shutil.which("torchrun") or "torchrun"
-        command = [torchrun, "--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "regioncl.cli", *args.argv]
-        raise SystemExit(subprocess.call(command))
+    from regioncl.launch import relaunch_if_needed
+
+    # One process per device on this node: re-runs this same command under torchrun --standalone.
+    relaunch_if_needed(args.nproc_per_node, args.argv)
     from regioncl.engine import PretrainSettings, pretrain, run_identity
 
     settings = PretrainSettings.from_dict(args.settings)
@@ -98,15 +95,17 @@ def _weights(value: str) -> Path | None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
+    from regioncl.transfer.backends import finetune
     from regioncl.transfer.benchmarks import BenchmarkSettings
-    from regioncl.transfer.torchvision_backend import finetune
 
-    finetune(BenchmarkSettings.from_dict(args.settings), args.weights, args.seed, args.out, args.workdir)
+    launch_options = ("num_gpus", "num_machines", "machine_rank", "dist_url", "num_workers")
+    launch = {name: getattr(args, name) for name in launch_options if getattr(args, name) is not None}
+    finetune(BenchmarkSettings.from_dict(args.settings), args.weights, args.seed, args.out, args.workdir, **launch)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from regioncl.transfer.backends import evaluate
     from regioncl.transfer.benchmarks import BenchmarkSettings
-    from regioncl.transfer.evaluate import evaluate
 
     metrics = evaluate(BenchmarkSettings.from_dict(args.settings), args.model, args.out, run=args.run, method=args.method)
     print(json.dumps(metrics["metrics"], indent=2), file=sys.stderr)
@@ -117,6 +116,13 @@ def _cmd_tables(args: argparse.Namespace) -> None:
 
     table = write_summary(args.metrics, args.markdown, args.csv)
     print(f"{len(table)} rows written to {args.markdown} and {args.csv}", file=sys.stderr)
+
+
+def _cmd_paper_tables(args: argparse.Namespace) -> None:
+    from regioncl.tables.paper import write_paper_tables
+
+    paths = write_paper_tables(args.metrics, args.tables, args.reference_dir, args.out_dir, args.plots_dir)
+    print(f"{len(paths)} files written to {args.out_dir} and {args.plots_dir}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--report", type=Path, required=True)
     q.set_defaults(func=_cmd_proposals_run)
+    q = proposal_cmds.add_parser("stats", help="summarise a dataset's proposal chunks")
+    q.add_argument("--reports", type=Path, nargs="+", required=True)
+    q.add_argument("--proposals", type=Path, nargs="+", required=True)
+    q.add_argument("--out", type=Path, required=True)
+    q.set_defaults(func=_cmd_proposals_stats)
 
     p = stages.add_parser("shards", help="pack a chunk's images and proposals into a WebDataset tar")
     p.add_argument("--proposals", type=Path, required=True)
@@ -167,10 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = stages.add_parser("finetune", help="finetune a detector on a benchmark")
     p.add_argument("--settings", type=_settings, required=True)
-    p.add_argument("--weights", type=_weights, required=True, help="converted .tv.pth, or 'none'")
+    p.add_argument("--weights", type=_weights, required=True, help="converted weights (.tv.pth or .d2.pkl), or 'none'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    launch = p.add_argument_group("detectron2 launch (detectron2 benchmarks only)")
+    launch.add_argument("--num-gpus", type=int, help="GPUs per machine (0: CPU)")
+    launch.add_argument("--num-machines", type=int)
+    launch.add_argument("--machine-rank", type=int)
+    launch.add_argument("--dist-url", help="'auto' on one machine; tcp://FIRST_HOST:PORT on several")
+    launch.add_argument("--num-workers", type=int, help="data loader workers")
     p.set_defaults(func=_cmd_finetune)
 
     p = stages.add_parser("evaluate", help="COCO-style AP of a finetuned detector")
@@ -186,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", type=Path, required=True)
     p.add_argument("--csv", type=Path, required=True)
     p.set_defaults(func=_cmd_tables)
+
+    p = stages.add_parser("paper-tables", help="metrics JSON files to the papers' tables (md/tex/csv/html) and plots")
+    p.add_argument("--metrics", type=Path, nargs="+", required=True)
+    p.add_argument("--tables", type=Path, required=True, help="a tables config, e.g. config/tables/paper.yaml")
+    p.add_argument("--reference-dir", type=Path, required=True, help="the papers' numbers (config/reference)")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--plots-dir", type=Path, required=True)
+    p.set_defaults(func=_cmd_paper_tables)
     return parser
 
 

@@ -155,11 +155,16 @@ class WorkflowPlan:
         unknown = [b for b in self.baselines if b != "random"]
         if unknown:
             raise ConfigError(f"finetune.baselines: {unknown} not implemented; implemented: ['random']")
+        from regioncl.transfer.registry import registered_seeds
+
         jobs = []
         for benchmark, settings in self.benchmarks.items():
             runs = self.baselines + [r.name for r in self.runs.values() if r.arch == settings["arch"]]
+            # A registered protocol fixes its seeds (VOC: 5 runs, as the papers average);
+            # otherwise the workflow's `finetune.seeds`.
+            seeds = registered_seeds(settings) or finetune.get("seeds", [0])
             for run in runs:
-                for seed in finetune.get("seeds", [0]):
+                for seed in seeds:
                     jobs.append(FinetuneJob(run=run, benchmark=benchmark, seed=int(seed)))
         return jobs
 
@@ -212,14 +217,22 @@ class WorkflowPlan:
     def benchmark_inputs(self, name: str) -> list[str]:
         return self.dataset_inputs(self.benchmarks[name]["dataset_name"])
 
+    def proposal_files(self, dataset: str, suffix: str) -> list[str]:
+        return [f"results/proposals/{dataset}/{chunk}{suffix}" for chunk in self.chunks(dataset)]
+
     def shards_of(self, dataset: str) -> list[str]:
         return [f"results/shards/{dataset}/{chunk}.tar" for chunk in self.chunks(dataset)]
 
-    def weights_inputs(self, run: str) -> list[str]:
-        return [] if run in self.baselines else [f"results/weights/{run}.tv.pth"]
+    def weights_inputs(self, run: str, benchmark: str) -> list[str]:
+        """The converted weights a finetune loads: the format of the benchmark's backend."""
+        if run in self.baselines:
+            return []
+        from regioncl.transfer.backends import WEIGHTS_SUFFIX
 
-    def weights_arg(self, run: str) -> str:
-        return "none" if run in self.baselines else f"results/weights/{run}.tv.pth"
+        return [f"results/weights/{run}{WEIGHTS_SUFFIX[self.benchmarks[benchmark]['backend']]}"]
+
+    def weights_arg(self, run: str, benchmark: str) -> str:
+        return (self.weights_inputs(run, benchmark) or ["none"])[0]
 
     def converted_weights(self) -> list[str]:
         return [f"results/weights/{run}.{suffix}" for run in self.runs for suffix in ("tv.pth", "d2.pkl")]

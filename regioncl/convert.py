@@ -36,7 +36,9 @@ class KeyRule:
     """Rename keys that fully match ``pattern`` to ``template`` (``None``: drop the key).
 
     The template is ``str.format``-ed with the pattern's named groups; a ``layer`` group
-    (torchvision's stage 1..4) also provides ``stage`` = layer + 1 (detectron2's res2..res5).
+    (torchvision's stage 1..4) also provides ``stage`` = layer + 1 (detectron2's res2..res5),
+    and a ``level`` group (torchvision FPN's input index 0..3, from C2) provides ``pyramid`` =
+    level + 2 (detectron2's fpn_lateral2..5 / fpn_output2..5).
     """
 
     pattern: str
@@ -51,6 +53,8 @@ class KeyRule:
         fields = match.groupdict()
         if "layer" in fields:
             fields["stage"] = int(fields["layer"]) + 1
+        if "level" in fields:
+            fields["pyramid"] = int(fields["level"]) + 2
         return True, self.template.format(**fields)
 
 
@@ -88,11 +92,40 @@ TORCHVISION_BACKBONE = (
     KeyRule(r"(?P<key>(conv1|bn1|layer[1-4])\..+)", "backbone.body.{key}"),
 )
 
+# An FPN as torchvision's FeaturePyramidNetwork names it (`inner_blocks` = 1x1 laterals,
+# `layer_blocks` = 3x3 outputs, each a Conv2dNormActivation: `.0` the conv, `.1` its norm when
+# the FPN is normalised, as SoCo's and ReSim-FPN^T's are). detectron2 names the same convs
+# fpn_lateral{2..5} / fpn_output{2..5} with the norm as `.norm`; SoCo's own converter
+# (convert_detectron2_Head.py, spec_soco §4) produces these names, found by matching heuristics
+# under `backbone.` in the detector.
+_FPN_BLOCKS = {"inner": "lateral", "layer": "output"}
+DETECTRON2_FPN = (DROP_BN_COUNTER,) + tuple(
+    rule
+    for source, target in _FPN_BLOCKS.items()
+    for rule in (
+        KeyRule(rf"{source}_blocks\.(?P<level>[0-3])\.0\.(?P<param>weight|bias)", f"fpn_{target}{{pyramid}}.{{param}}"),
+        KeyRule(rf"{source}_blocks\.(?P<level>[0-3])\.1\.(?P<param>{BN_PARAMS})", f"fpn_{target}{{pyramid}}.norm.{{param}}"),
+    )
+)
+TORCHVISION_FPN = (DROP_BN_COUNTER, KeyRule(r"(?P<key>(inner|layer)_blocks\..+)", "backbone.fpn.{key}"))
+
+# SoCo's 4conv1fc box head, named as detectron2's FastRCNNConvFCHead names it (conv1..4 with
+# `.norm`, then fc1); it lives under `roi_heads.box_head.` in the detector. torchvision's
+# detectors here have a 2-fc head (TwoMLPHead), so the box head is dropped on purpose there
+# (listed in the report's `dropped`).
+DETECTRON2_BOX_HEAD = (
+    DROP_BN_COUNTER,
+    KeyRule(r"conv(?P<conv>[1-4])\.weight", "box_head.conv{conv}.weight"),
+    KeyRule(rf"conv(?P<conv>[1-4])\.norm\.(?P<param>{BN_PARAMS})", "box_head.conv{conv}.norm.{param}"),
+    KeyRule(r"fc1\.(?P<param>weight|bias)", "box_head.fc1.{param}"),
+)
+TORCHVISION_BOX_HEAD = (KeyRule(r".*", None),)
+
 # target framework -> transferred module ("backbone", or a name in the checkpoint's
 # `transfer` dict such as "fpn" / "box_head") -> rules.
 KEY_MAPS: dict[str, dict[str, tuple[KeyRule, ...]]] = {
-    "torchvision": {"backbone": TORCHVISION_BACKBONE},
-    "detectron2": {"backbone": DETECTRON2_BACKBONE},
+    "torchvision": {"backbone": TORCHVISION_BACKBONE, "fpn": TORCHVISION_FPN, "box_head": TORCHVISION_BOX_HEAD},
+    "detectron2": {"backbone": DETECTRON2_BACKBONE, "fpn": DETECTRON2_FPN, "box_head": DETECTRON2_BOX_HEAD},
 }
 
 
@@ -241,6 +274,9 @@ def convert_checkpoint(
         "model": {k: v.detach().cpu().numpy() for k, v in d2_state.items()},
         "__author__": "regioncl",
         "matching_heuristics": True,
+        # detectron2's checkpointer returns unknown keys untouched; the backend records them
+        "method": ckpt["method"],
+        "arch": arch,
     }
     with atomic_path(detectron2_out) as tmp, open(tmp, "wb") as f:
         pickle.dump(d2_weights, f)

@@ -13,7 +13,10 @@ import torchvision
 
 from regioncl.convert import (
     DETECTRON2_BACKBONE,
+    DETECTRON2_BOX_HEAD,
+    DETECTRON2_FPN,
     TORCHVISION_BACKBONE,
+    TORCHVISION_FPN,
     ConversionError,
     convert_checkpoint,
     map_keys,
@@ -155,14 +158,14 @@ def test_unexpected_key_and_unmapped_module_are_named(tmp_path: Path) -> None:
     source = resnet_backbone("resnet18")
     source["fc.weight"] = torch.zeros(10, 512)
     ckpt = write_pretrained(
-        tmp_path / "ckpt.pt", "resnet18", source, transfer={"fpn": {"inner.weight": torch.zeros(1)}}
+        tmp_path / "ckpt.pt", "resnet18", source, transfer={"neck2": {"inner.weight": torch.zeros(1)}}
     )
     with pytest.raises(ConversionError) as error:
         convert_checkpoint(ckpt, tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
     message = str(error.value)
     assert "unexpected fc.weight" in message
     assert "backbone.fc.weight has no rule" in message
-    assert "no key map for transferred module 'fpn'" in message
+    assert "no key map for transferred module 'neck2'" in message
 
 
 def test_wrong_format_is_rejected(tmp_path: Path) -> None:
@@ -170,3 +173,75 @@ def test_wrong_format_is_rejected(tmp_path: Path) -> None:
     torch.save({"format": "something/else"}, path)
     with pytest.raises(ConversionError, match="expected 'regioncl.pretrained/1'"):
         convert_checkpoint(path, tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
+
+
+BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
+
+
+def fpn_state(in_channels: list[int], normalised: bool) -> dict[str, torch.Tensor]:
+    """A torchvision FeaturePyramidNetwork's tensors (with BN after each conv if normalised)."""
+    torch.manual_seed(1)
+    norm = torch.nn.BatchNorm2d if normalised else None
+    fpn = torchvision.ops.FeaturePyramidNetwork(in_channels, 32, norm_layer=norm)
+    return fpn.state_dict()
+
+
+def soco_box_head_state(channels: int = 32, fc_dim: int = 64) -> dict[str, torch.Tensor]:
+    """detectron2's FastRCNNConvFCHead(4 conv + SyncBN, 1 fc) tensor names and shapes."""
+    state = {}
+    for n in range(1, 5):
+        state[f"conv{n}.weight"] = torch.randn(channels, channels, 3, 3)
+        for param in BN_PARAMS:
+            state[f"conv{n}.norm.{param}"] = torch.rand(channels)
+        state[f"conv{n}.norm.num_batches_tracked"] = torch.tensor(5)
+    state["fc1.weight"] = torch.randn(fc_dim, channels * 7 * 7)
+    state["fc1.bias"] = torch.randn(fc_dim)
+    return state
+
+
+def test_normalised_fpn_maps_to_detectron2_lateral_and_output_names() -> None:
+    source = fpn_state([64, 128, 256, 512], normalised=True)
+    renamed, dropped, unmapped = map_keys(source, DETECTRON2_FPN)
+    expected = {
+        f"fpn_{kind}{level}.{suffix}"
+        for kind in ("lateral", "output")
+        for level in (2, 3, 4, 5)
+        for suffix in ("weight", *(f"norm.{p}" for p in BN_PARAMS))
+    }
+    assert set(renamed) == expected and not unmapped
+    assert len(dropped) == 8  # one BN counter per conv
+    assert renamed["fpn_lateral4.weight"] is source["inner_blocks.2.0.weight"]
+    assert renamed["fpn_output2.norm.running_var"] is source["layer_blocks.0.1.running_var"]
+    assert renamed["fpn_lateral5.weight"].shape == (32, 512, 1, 1)
+
+
+def test_plain_fpn_keeps_its_conv_biases_in_both_targets() -> None:
+    source = fpn_state([64, 128, 256, 512], normalised=False)
+    d2, _, d2_unmapped = map_keys(source, DETECTRON2_FPN)
+    tv, _, tv_unmapped = map_keys(source, TORCHVISION_FPN)
+    assert not d2_unmapped and not tv_unmapped
+    assert d2["fpn_output3.bias"] is source["layer_blocks.1.0.bias"]
+    assert set(tv) == {f"backbone.fpn.{k}" for k in source}
+
+
+def test_soco_box_head_maps_to_detectron2_box_head_names() -> None:
+    source = soco_box_head_state()
+    renamed, dropped, unmapped = map_keys(source, DETECTRON2_BOX_HEAD)
+    assert not unmapped and len(dropped) == 4
+    assert set(renamed) == {f"box_head.{k}" for k in source if not k.endswith("num_batches_tracked")}
+    assert renamed["box_head.conv3.norm.running_mean"] is source["conv3.norm.running_mean"]
+    assert renamed["box_head.fc1.weight"].shape == (64, 32 * 49)
+
+
+def test_soco_checkpoint_transfers_fpn_and_head_to_detectron2_only(tmp_path: Path) -> None:
+    transfer = {"fpn": fpn_state([64, 128, 256, 512], normalised=True), "box_head": soco_box_head_state()}
+    ckpt = write_pretrained(tmp_path / "ckpt.pt", "resnet18", resnet_backbone("resnet18"), transfer)
+    report = convert_checkpoint(ckpt, tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
+    with open(tmp_path / "w.d2.pkl", "rb") as f:
+        model = pickle.load(f)["model"]
+    assert {"fpn_lateral2.norm.running_var", "fpn_output5.weight", "box_head.conv4.weight", "box_head.fc1.bias"} <= set(model)
+    tv_keys = torch.load(tmp_path / "w.tv.pth", weights_only=True)["state_dict"]
+    assert "backbone.fpn.inner_blocks.0.1.weight" in tv_keys
+    assert not any(k.startswith("box_head") for k in tv_keys)
+    assert "box_head.fc1.weight" in report.dropped  # torchvision's 2fc head cannot take it
+    assert report.detectron2_keys == report.torchvision_keys + 4 * 5 + 2

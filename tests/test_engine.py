@@ -14,11 +14,17 @@ from PIL import Image
 
 from regioncl.data.shards import ShardStream
 from regioncl.engine import OptimizerSettings, PretrainSettings, pretrain
-from regioncl.engine.dist import expand_slurm_nodelist, read_dist_env
-from regioncl.engine.optim import LARS
+from regioncl.engine.dist import (
+    expand_slurm_nodelist,
+    init_distributed,
+    read_dist_env,
+    shutdown,
+)
+from regioncl.engine.optim import LARS, build_optimizer
 from regioncl.engine.schedule import cosine_momentum, warmup_cosine_lr
 from regioncl.engine.views import ViewStream, epoch_batches, make_loader
 from regioncl.methods.moco_v2 import MocoV2Params
+from regioncl.models.sync_bn import convert_sync_batchnorm
 
 RUN = {
     "method": "moco_v2",
@@ -77,7 +83,8 @@ def reference_run(shards, tmp_path_factory) -> Path:
 
 
 def _final_model_state(workdir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(workdir / "checkpoint_00000006.pt", weights_only=False)["model"]
+    newest = sorted(workdir.glob("checkpoint_*.pt"))[-1]
+    return torch.load(newest, weights_only=False)["model"]
 
 
 def _assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -136,6 +143,35 @@ def test_truncated_newest_checkpoint_is_skipped_and_the_previous_used(shards, re
     _assert_same_state(_final_model_state(workdir), _final_model_state(reference_run))
 
 
+BYOL_RUN = {
+    **RUN,
+    "method": "byol",
+    "method_params": {"hidden_dim": 32, "feature_dim": 16},
+    "optimizer": {"name": "lars", "base_lr": 0.2, "weight_decay": 1e-5},
+    "epochs": 1,
+    "num_workers": 0,
+}
+
+
+def test_byol_resumed_after_two_steps_ends_bitwise_equal_with_its_cosine_ema(shards, tmp_path, capsys):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    pretrain(PretrainSettings.from_dict(BYOL_RUN), shards, straight / "final.pt", straight)
+    pretrain(PretrainSettings.from_dict(BYOL_RUN), shards, resumed / "final.pt", resumed, stop_after_steps=2)
+    pretrain(PretrainSettings.from_dict(BYOL_RUN), shards, resumed / "final.pt", resumed)
+    assert "resuming from step 2" in capsys.readouterr().out
+    _assert_same_state(_final_model_state(resumed), _final_model_state(straight))
+    assert torch.load(straight / "final.pt", weights_only=True)["method"] == "byol"
+
+
+def test_bf16_autocast_run_trains_and_checkpoints_the_scaler_state(shards, tmp_path):
+    run = {**BYOL_RUN, "amp": "bf16", "channels_last": True, "optimizer": {"name": "sgd"}}
+    pretrain(PretrainSettings.from_dict(run), shards, tmp_path / "final.pt", tmp_path, stop_after_steps=1)
+    state = torch.load(tmp_path / "checkpoint_00000001.pt", weights_only=False)
+    assert state["scaler"] == {}  # bf16 needs no loss scaling; fp16 would store its scale here
+    assert all(math.isfinite(loss) for loss in _losses(tmp_path))
+    assert all(value.dtype != torch.bfloat16 for value in state["model"].values())  # autocast keeps fp32 weights
+
+
 def test_settings_from_dict_fills_defaults_and_types_method_params():
     settings = PretrainSettings.from_dict({"method": "moco_v2", "epochs": 1, "method_params": {"crop_scale": [0.3, 1]}})
     assert settings.method_params == MocoV2Params(crop_scale=(0.3, 1.0))
@@ -179,6 +215,26 @@ def test_lars_scales_the_step_by_the_trust_ratio_and_skips_excluded_groups():
     torch.testing.assert_close(bias.detach(), torch.tensor([0.95]))
 
 
+def test_lars_adds_weight_decay_before_the_trust_ratio():
+    weight = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # ||w|| = 5
+    weight.grad = torch.tensor([0.0, 1.5])
+    LARS([weight], lr=0.1, momentum=0.9, weight_decay=0.1, eta=0.001).step()
+    # g + wd * w = [0.3, 1.9], ||.|| = sqrt(0.09 + 3.61) = sqrt(3.7); trust = 0.001 * 5 / sqrt(3.7)
+    trust = 0.001 * 5 / math.sqrt(3.7)
+    torch.testing.assert_close(weight.detach(), torch.tensor([3.0 - 0.1 * trust * 0.3, 4.0 - 0.1 * trust * 1.9]))
+
+
+def test_lars_optimizer_excludes_biases_and_norm_parameters_from_decay_and_adaptation():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    settings = OptimizerSettings(name="lars", base_lr=1.0, reference_batch=256, weight_decay=1e-5)
+    adapted, excluded = build_optimizer(model, settings, batch_size=512).param_groups
+    assert [p.shape for p in adapted["params"]] == [(4, 3)]
+    assert [p.shape for p in excluded["params"]] == [(4,), (4,), (4,)]  # linear bias, BN weight and bias
+    assert (adapted["exclude"], adapted["weight_decay"]) == (False, 1e-5)
+    assert (excluded["exclude"], excluded["weight_decay"]) == (True, 0.0)
+    assert adapted["lr"] == excluded["lr"] == 2.0  # 1.0 * 512 / 256
+
+
 def test_dist_env_from_torchrun_slurm_or_neither():
     torchrun = read_dist_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h1", "MASTER_PORT": "1234"})
     assert (torchrun.rank, torchrun.world_size, torchrun.local_rank, torchrun.master_addr, torchrun.master_port) == (
@@ -194,18 +250,15 @@ def test_dist_env_from_torchrun_slurm_or_neither():
     ]
 
 
-def _two_process_rank(rank: int, port: int, shards: list[Path], workdir: Path) -> None:
+def _two_process_rank(rank: int, port: int, run: dict, shards: list[Path], workdir: Path) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    pretrain(PretrainSettings.from_dict({**RUN, "num_workers": 0}), shards, workdir / "final.pt", workdir)
+    pretrain(PretrainSettings.from_dict({**run, "num_workers": 0}), shards, workdir / "final.pt", workdir)
 
 
 @pytest.mark.slow
 def test_two_gloo_processes_train_with_shuffle_bn_and_share_one_queue(shards, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.spawn(_two_process_rank, args=(port, shards, tmp_path), nprocs=2)
+    _spawn_two_ranks(RUN, shards, tmp_path)
     final = torch.load(tmp_path / "final.pt", weights_only=True)
     assert (final["steps"], final["arch"]) == (6, "resnet18")
     state = _final_model_state(tmp_path)
@@ -215,6 +268,84 @@ def test_two_gloo_processes_train_with_shuffle_bn_and_share_one_queue(shards, tm
     # the data each step sees is (test below).
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and all(math.isfinite(loss) for loss in losses)
+
+
+# Crops of 64 px: at 32 px layer4 is 1x1, BN normalizes over 4 values and amplifies float noise
+# chaotically (a 1-process run with 1 vs 2 torch threads already diverges by 0.1 in loss by step 6).
+# SGD, not LARS: LARS normalizes the gradient and would hide a wrongly scaled DDP average.
+SYNC_BN_RUNS = {
+    "moco_v2": {**RUN, "crop_size": 64, "sync_bn": True, "method_params": {**RUN["method_params"], "shuffle_bn": False}},
+}
+
+
+def _spawn_two_ranks(run: dict, shards: list[Path], workdir: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_two_process_rank, args=(port, run, shards, workdir), nprocs=2)
+
+
+def _losses(workdir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _rows_sorted(features: torch.Tensor) -> torch.Tensor:
+    # Ranks enqueue their keys in rank order, one process in batch order: same rows, other order.
+    return features[torch.argsort(features[:, 0])]
+
+
+@pytest.mark.slow  # ~75 s per method on 2 shared cores: two 6-step runs and a 2-process spawn
+@pytest.mark.parametrize("method", sorted(SYNC_BN_RUNS))
+def test_two_gloo_processes_with_sync_bn_match_one_process_of_the_same_global_batch(method, shards, tmp_path):
+    run = SYNC_BN_RUNS[method]
+    one, two = tmp_path / "one", tmp_path / "two"
+    pretrain(PretrainSettings.from_dict(run), shards, one / "final.pt", one)
+    _spawn_two_ranks(run, shards, two)
+    assert _losses(two) == pytest.approx(_losses(one), abs=1e-5)
+    expected, actual = _final_model_state(one), _final_model_state(two)
+    assert actual.keys() == expected.keys()
+    if "queue.features" in expected:
+        expected["queue.features"] = _rows_sorted(expected["queue.features"])
+        actual["queue.features"] = _rows_sorted(actual["queue.features"])
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, atol=1e-5, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def _sync_bn_rank(rank: int, port: int, result_dir: Path) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_distributed(read_dist_env(), "cpu")
+    try:
+        result = _sync_bn_forward_backward(rank, world=2)
+        torch.save(result, result_dir / f"rank{rank}.pt")
+    finally:
+        shutdown()
+
+
+def _sync_bn_forward_backward(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """This rank's share of a fixed (8, 3, 2, 2) batch through a BN used twice (like BYOL's two views)."""
+    torch.manual_seed(0)
+    inputs = torch.randn(2, 8, 3, 2, 2) * 3 + 1  # (views, B, C, H, W)
+    bn = convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), torch.device("cpu"))
+    with torch.no_grad():
+        bn[0].weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+    share = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    mine = inputs[:, share].clone().requires_grad_(True)
+    weights = (torch.arange(8 * 3 * 2 * 2, dtype=torch.float32).view(8, 3, 2, 2) / 10)[share]
+    loss = sum((bn(view) * weights).sin().sum() for view in mine)
+    loss.backward()
+    return {"input_grad": mine.grad, "weight_grad": bn[0].weight.grad, "running_var": bn[0].running_var}
+
+
+def test_cross_rank_batchnorm_on_two_gloo_ranks_matches_one_batchnorm_over_the_whole_batch(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_sync_bn_rank, args=(port, tmp_path), nprocs=2)
+    ranks, one = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)], _sync_bn_forward_backward(0, world=1)
+    # Each rank's loss covers its own images; statistics couple them, gradients flow back across ranks.
+    torch.testing.assert_close(torch.cat([r["input_grad"] for r in ranks], dim=1), one["input_grad"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ranks[0]["weight_grad"] + ranks[1]["weight_grad"], one["weight_grad"])
+    torch.testing.assert_close(ranks[0]["running_var"], one["running_var"])
 
 
 def _key_and_draw(sample: dict, rng: np.random.Generator) -> dict:

@@ -147,3 +147,43 @@ def test_torchvision_output_becomes_coco_results() -> None:
     assert first.shape == (30, 40) and first.sum() == 200 and first[2:22, 1:11].all()
     assert mask_util.decode(results[1]["segmentation"]).sum() == 0
     json.dumps(results)  # plain JSON types only
+
+
+def test_cityscapes_internal_import_path_resolves_to_the_public_package(monkeypatch) -> None:
+    import sys
+    import types
+
+    from regioncl.transfer.cityscapes_compat import (
+        ALIASED_MODULES,
+        INTERNAL_PREFIX,
+        alias_cityscapes_scripts,
+    )
+
+    fake = {name: types.ModuleType(name) for name in ALIASED_MODULES}
+    fake["cityscapesscripts.helpers.labels"].trainId2label = {0: "road"}
+    for name, module in fake.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    for name in [n for n in sys.modules if n.startswith("deeplearning")]:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        alias_cityscapes_scripts()
+        # the statement detectron2's CityscapesInstanceEvaluator.process runs (issue 5436)
+        from deeplearning.projects.cityscapesApi.cityscapesscripts.helpers.labels import (
+            trainId2label,
+        )
+
+        assert trainId2label == {0: "road"}
+    finally:
+        for name in [n for n in sys.modules if n.startswith("deeplearning")]:
+            del sys.modules[name]
+    assert INTERNAL_PREFIX.startswith("deeplearning.")
+
+
+def test_cityscapes_alias_names_the_missing_package(monkeypatch) -> None:
+    import sys
+
+    from regioncl.transfer.cityscapes_compat import alias_cityscapes_scripts
+
+    monkeypatch.setitem(sys.modules, "cityscapesscripts", None)  # None: "not importable"
+    with pytest.raises(ModuleNotFoundError, match="pip install cityscapesscripts"):
+        alias_cityscapes_scripts()

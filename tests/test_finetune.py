@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -257,3 +258,20 @@ def test_mask_rcnn_from_random_init_finetunes_and_evaluates_masks(tiny_coco: Pat
     assert record["method"] == "random" and record["weights"] == "none"
     for metrics in record["metrics"].values():
         assert_metrics_in_range(metrics)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("detectron2") is not None, reason="detectron2 is installed")
+def test_detectron2_benchmark_without_detectron2_says_how_to_fix_it(tmp_path):
+    from regioncl.transfer import backends
+
+    bench = BenchmarkSettings.from_dict({"name": "d2", "dataset": {"root": str(tmp_path)}, "backend": "detectron2"})
+    with pytest.raises(ModuleNotFoundError, match=r"backend 'detectron2', which is not installed.*backend: torchvision"):
+        backends.finetune(bench, None, 0, tmp_path / "m.pt", tmp_path / "work")
+
+
+def test_launch_options_are_refused_for_torchvision(tmp_path):
+    from regioncl.transfer import backends
+
+    bench = BenchmarkSettings.from_dict({"name": "tv", "dataset": {"root": str(tmp_path)}, "arch": "resnet18"})
+    with pytest.raises(ValueError, match=r"launch options \['num_gpus'\]: only the detectron2 backend"):
+        backends.finetune(bench, None, 0, tmp_path / "m.pt", tmp_path / "work", num_gpus=2)

@@ -10,7 +10,7 @@ from regioncl.data.layouts import DatasetLayoutError, DatasetSpec
 FIXTURE_DATASETS = Path(__file__).parent / "fixtures" / "datasets"
 
 
-@pytest.mark.parametrize("layout", ["imagenet", "coco"])
+@pytest.mark.parametrize("layout", ["imagenet", "coco", "voc", "cityscapes", "lvis"])
 def test_fixture_tree_has_the_real_layouts(layout):
     DatasetSpec(name=layout, layout=layout, root=FIXTURE_DATASETS / layout).check()
 
@@ -38,5 +38,53 @@ def test_malformed_coco_annotation_is_named(tmp_path):
 
 
 def test_unknown_layout_lists_the_known_ones(tmp_path):
-    with pytest.raises(DatasetLayoutError, match=r"unknown layout 'voc'.*imagenet"):
-        DatasetSpec(name="x", layout="voc", root=tmp_path).check()
+    with pytest.raises(DatasetLayoutError, match=r"unknown layout 'kitti'.*imagenet.*voc"):
+        DatasetSpec(name="x", layout="kitti", root=tmp_path).check()
+
+
+def _copy_fixture(layout: str, tmp_path: Path) -> Path:
+    root = tmp_path / layout
+    shutil.copytree(FIXTURE_DATASETS / layout, root)
+    return root
+
+
+def test_missing_voc2012_image_set_list_is_named(tmp_path):
+    root = _copy_fixture("voc", tmp_path)
+    (root / "VOC2012" / "ImageSets" / "Main" / "trainval.txt").unlink()
+    with pytest.raises(DatasetLayoutError, match=r"image-set list .*VOC2012/ImageSets/Main/trainval\.txt is missing.*'voc'"):
+        DatasetSpec(name="voc", layout="voc", root=root).check()
+
+
+def test_empty_voc_test_list_is_named(tmp_path):
+    root = _copy_fixture("voc", tmp_path)
+    (root / "VOC2007" / "ImageSets" / "Main" / "test.txt").write_text("")
+    with pytest.raises(DatasetLayoutError, match=r"VOC2007/ImageSets/Main/test\.txt is missing or empty"):
+        DatasetSpec(name="voc", layout="voc", root=root).check()
+
+
+def test_voc_without_jpeg_images_is_named(tmp_path):
+    root = _copy_fixture("voc", tmp_path)
+    shutil.rmtree(root / "VOC2007" / "JPEGImages")
+    with pytest.raises(DatasetLayoutError, match=r"VOC2007/JPEGImages is missing or empty; expected layout 'voc'"):
+        DatasetSpec(name="voc", layout="voc", root=root).check()
+
+
+def test_cityscapes_without_fine_val_annotations_is_named(tmp_path):
+    root = _copy_fixture("cityscapes", tmp_path)
+    shutil.rmtree(root / "gtFine" / "val")
+    with pytest.raises(DatasetLayoutError, match=r"gtFine/val is missing or empty.*leftImg8bit"):
+        DatasetSpec(name="cityscapes", layout="cityscapes", root=root).check()
+
+
+def test_lvis_without_its_annotations_is_named(tmp_path):
+    root = _copy_fixture("lvis", tmp_path)
+    (root / "lvis" / "lvis_v1_val.json").unlink()
+    with pytest.raises(DatasetLayoutError, match=r"lvis/lvis_v1_val\.json is missing.*ROOT/coco"):
+        DatasetSpec(name="lvis", layout="lvis", root=root).check()
+
+
+def test_lvis_without_coco_images_is_named(tmp_path):
+    root = _copy_fixture("lvis", tmp_path)
+    shutil.rmtree(root / "coco" / "val2017")
+    with pytest.raises(DatasetLayoutError, match=r"coco/val2017 is missing or empty"):
+        DatasetSpec(name="lvis", layout="lvis", root=root).check()

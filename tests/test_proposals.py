@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from regioncl.data.embedded import EmbeddedSettings, generate_embedded
+from regioncl.data.shards import write_shard
 from regioncl.data.sources import list_images, write_image_list
 from regioncl.proposals.chunk import ProposalSettings, read_proposals, run_chunk
 from regioncl.proposals.filters import (
@@ -313,3 +321,65 @@ def test_a_chunk_without_any_good_image_fails_naming_the_chunk(tmp_path):
     with pytest.raises(RuntimeError, match=r"chunk 0 of 1 .*no good image.*empty file"):
         run_chunk(tmp_path / "list.tsv", 0, 1, tmp_path / "c.parquet", tmp_path / "c.json", ProposalSettings())
     assert not (tmp_path / "c.parquet").exists()
+
+
+# --- acceptance: a killed chunk job re-runs to byte-identical outputs ---------------------------
+
+JOB_SETTINGS = '{"selective_search": {"mode": "fast", "max_side": 128}}'
+
+
+def start_job(image_list: Path, out_dir: Path) -> subprocess.Popen:
+    """``regioncl proposals run`` of the whole list with 2 processes, in its own process group."""
+    command = [
+        sys.executable, "-m", "regioncl.cli", "proposals", "run", "--list", str(image_list),
+        "--chunk", "0", "--num-chunks", "1", "--processes", "2", "--settings", JOB_SETTINGS,
+        "--out", str(out_dir / "chunk.parquet"), "--report", str(out_dir / "chunk.report.json"),
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_until_a_third_is_done(job: subprocess.Popen) -> None:
+    """Block until the job's progress bar (stderr) shows at least a third of the images done."""
+    os.set_blocking(job.stderr.fileno(), False)
+    seen = b""
+    while job.poll() is None:
+        seen += job.stderr.read() or b""
+        progress = re.findall(rb"(\d+)/(\d+) \[", seen)
+        if progress and 3 * int(progress[-1][0]) >= int(progress[-1][1]):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the job ended before it could be killed midway: {seen.decode()[-2000:]}")
+
+
+def finish(job: subprocess.Popen) -> None:
+    _, stderr = job.communicate()
+    assert job.returncode == 0, stderr.decode()[-2000:]
+
+
+@pytest.mark.parametrize("num_images", [60, pytest.param(1000, marks=pytest.mark.slow)])
+def test_a_chunk_job_killed_midway_reruns_to_byte_identical_proposals_and_shard(tmp_path, num_images):
+    generate_embedded(tmp_path / "data", EmbeddedSettings(n_unlabeled=num_images, n_train=0, n_val=0, image_size=128))
+    image_list = tmp_path / "list.tsv"
+    write_image_list(list_images("embedded", tmp_path / "data"), image_list)
+
+    finish(start_job(image_list, tmp_path / "whole"))
+    write_shard(tmp_path / "whole" / "chunk.parquet", tmp_path / "whole" / "chunk.tar")
+    report = json.loads((tmp_path / "whole" / "chunk.report.json").read_text())
+    assert (report["images"], report["good"], report["processes"]) == (num_images, num_images, 2)
+
+    killed = start_job(image_list, tmp_path / "again")
+    wait_until_a_third_is_done(killed)
+    os.killpg(killed.pid, signal.SIGKILL)  # the CLI and its worker processes
+    killed.wait()
+    killed.stderr.close()
+    # Nothing is written before the chunk is complete: no output, no partial or temporary file.
+    assert list((tmp_path / "again").iterdir()) == []
+
+    finish(start_job(image_list, tmp_path / "again"))
+    write_shard(tmp_path / "again" / "chunk.parquet", tmp_path / "again" / "chunk.tar")
+    for name in ("chunk.parquet", "chunk.tar"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert sorted(path.name for path in (tmp_path / "again").iterdir()) == [
+        "chunk.parquet", "chunk.report.json", "chunk.tar"
+    ]

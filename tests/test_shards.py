@@ -177,3 +177,45 @@ def test_decoded_cmyk_sample_matches_the_proposal_stage_decoding(shards):
     sample = next(s for s in stream if s["key"] == "img03")
     source = Image.open(io.BytesIO(Path(shards[0].parent / "imgs" / "img03.jpg").read_bytes())).convert("RGB")
     assert np.array_equal(np.asarray(sample["image"]), np.asarray(source))
+
+
+def rank_keys(shards: list[Path], epoch: int, rank: int, skip: int, num_workers: int) -> list[str]:
+    stream = ShardStream(shards, seed=7, rank=rank, world_size=2)
+    stream.set_epoch(epoch, skip=skip)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers)
+    return [sample["key"] for sample in loader]
+
+
+# 3 workers on 2 cores: torch warns, but unequal worker shares are the point of that case.
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+@pytest.mark.parametrize("num_workers", [0, 2, 3])
+def test_skipping_n_samples_resumes_exactly_where_an_uninterrupted_epoch_would_be(shards, num_workers):
+    for rank in range(2):
+        full = rank_keys(shards, epoch=2, rank=rank, skip=0, num_workers=0)
+        for skip in (1, 2, 5, len(full)):
+            assert rank_keys(shards, epoch=2, rank=rank, skip=skip, num_workers=num_workers) == full[skip:]
+
+
+class CountingStream(ShardStream):
+    """A ShardStream that records which samples it decoded."""
+
+    def load(self, sample: int) -> dict:
+        self.loaded.append(sample)
+        return super().load(sample)
+
+
+def test_skipped_samples_are_never_read_and_skip_lasts_one_epoch(shards):
+    stream = CountingStream(shards, seed=7, rank=1, world_size=2)
+    stream.loaded = []
+    stream.set_epoch(4, skip=3)
+    keys = [sample["key"] for sample in stream]
+    assert len(stream.loaded) == len(keys) == stream.samples_per_rank - 3 == 6 - 3
+    stream.set_epoch(5)
+    assert len(list(stream)) == stream.samples_per_rank
+
+
+def test_skip_beyond_the_rank_share_is_refused(shards):
+    stream = ShardStream(shards, seed=0, rank=0, world_size=2)
+    assert stream.samples_per_rank == 7  # 13 samples over 2 ranks: rank 0 gets the extra one
+    with pytest.raises(ValueError, match=r"skip must be in \[0, 7\]"):
+        stream.set_epoch(0, skip=8)

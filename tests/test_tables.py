@@ -40,3 +40,15 @@ def test_metrics_without_ap50_is_an_error_naming_the_metric(tmp_path):
     bad.write_text(json.dumps(record))
     with pytest.raises(ValueError, match="AP50"):
         load_metrics([bad])
+
+
+def test_undefined_metric_is_missing_not_an_error(tmp_path):
+    from regioncl.tables.metrics import load_metric_values
+
+    path = tmp_path / "m.json"
+    record = {"method": "m", "run": "r", "benchmark": "b", "seed": 0,
+              "metrics": {"bbox": {"AP": 1.5, "AP50": 3.0, "AP75": 1.0, "APl": None}}}
+    path.write_text(json.dumps(record))
+    values = load_metric_values([path])
+    assert set(values["metric"]) == {"bbox.AP", "bbox.AP50", "bbox.AP75"}
+    assert values.loc[values["metric"] == "bbox.AP", "value"].item() == 1.5

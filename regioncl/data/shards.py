@@ -185,6 +185,11 @@ class ShardStream(torch.utils.data.IterableDataset):
     "width": int, "height": int}``. Call ``set_epoch`` before iterating each epoch; with
     ``persistent_workers=True`` the workers keep their own copy and would not see it, so leave
     persistent workers off.
+
+    Resuming mid-epoch: ``set_epoch(epoch, skip=n)`` drops the first ``n`` samples of this
+    rank's order (``permutation[rank::world_size]``) before the worker split, without reading
+    them; the rank then sees exactly the samples an uninterrupted epoch would have yielded after
+    its first ``n``, in the same order, whatever ``num_workers`` is.
     """
 
     def __init__(
@@ -199,6 +204,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.skip = 0
         self.index = ShardIndex.build(shards)
 
     @property
@@ -206,8 +212,21 @@ class ShardStream(torch.utils.data.IterableDataset):
         """Samples over all shards (all ranks together)."""
         return len(self.index.keys)
 
-    def set_epoch(self, epoch: int) -> None:
+    @property
+    def samples_per_rank(self) -> int:
+        """Samples this rank gets in a full epoch (ranks differ by at most one)."""
+        return len(range(self.rank, self.num_samples, self.world_size))
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Iterate epoch ``epoch`` next, starting after the first ``skip`` samples of this rank's
+        order (0 = the whole epoch)."""
+        if not 0 <= skip <= self.samples_per_rank:
+            raise ValueError(
+                f"ShardStream.set_epoch: skip must be in [0, {self.samples_per_rank}] (this rank's samples "
+                f"per epoch), got {skip}"
+            )
         self.epoch = epoch
+        self.skip = skip
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """(N,) int64: the epoch's permutation of the key-sorted samples."""
@@ -217,7 +236,10 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = torch.utils.data.get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        mine = self.epoch_order(self.epoch)[self.rank :: self.world_size][worker_id::num_workers]
+        rank_order = self.epoch_order(self.epoch)[self.rank :: self.world_size]
+        # Skipping before the worker split keeps the DataLoader's round-robin over workers equal
+        # to the rank order: worker 0 holds the first remaining sample.
+        mine = rank_order[self.skip :][worker_id::num_workers]
         for sample in mine:
             yield self.load(int(sample))
 

@@ -39,12 +39,21 @@ class PretrainSettings:
     keep_checkpoints: int = 2
     log_every: int = 10
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # BN statistics over the global batch (all ranks), in online and momentum encoders alike.
+    sync_bn: bool = False
+    # Optimizer steps of ``batch_size`` made of this many micro-batches per rank (the loss is
+    # averaged over them): a paper's global batch on fewer devices.
+    accumulate_steps: int = 1
+    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype; fp16 adds a GradScaler
+    channels_last: bool = False  # NHWC convolutions (faster on GPUs with tensor cores)
 
     def __post_init__(self) -> None:
         params_type = get_method(self.method).Params
         if not isinstance(self.method_params, params_type):
             raise TypeError(f"method_params: expected {params_type.__name__}, got {type(self.method_params).__name__}")
-        for name in ("epochs", "batch_size", "crop_size", "checkpoint_every_steps", "keep_checkpoints", "log_every"):
+        for name in (
+            "epochs", "batch_size", "crop_size", "checkpoint_every_steps", "keep_checkpoints", "log_every", "accumulate_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:

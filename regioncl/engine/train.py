@@ -2,8 +2,9 @@
 
     pretrain(settings, shards, out, workdir)
 
-Per step: lr from the schedule, loss = method(batch), SGD/LARS step, EMA update of the method's
-momentum pairs. Every ``checkpoint_every_steps`` (and at the end) rank 0 saves the full state
+Per step: lr from the schedule, loss = method(batch) averaged over ``accumulate_steps``
+micro-batches (under autocast when ``amp`` is set), SGD/LARS step (through a GradScaler for
+fp16), EMA update of the method's momentum pairs. Every ``checkpoint_every_steps`` (and at the end) rank 0 saves the full state
 to ``workdir``; a re-run resumes from the newest valid one and ends with the same weights as an
 uninterrupted run. At the end rank 0 writes the pretrained checkpoint ``out``.
 """
@@ -13,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,9 @@ from regioncl.engine.views import ViewStream, epoch_batches, make_loader
 from regioncl.io import write_text_atomic
 from regioncl.methods.base import PretrainMethod, StepInfo, get_method
 from regioncl.models import gather
+from regioncl.models.sync_bn import convert_sync_batchnorm
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Settings that may change between a run and its resume without changing the result.
 RESUME_MAY_CHANGE = frozenset({"checkpoint_every_steps", "keep_checkpoints", "log_every", "device"})
@@ -84,14 +89,25 @@ def _train(
 ) -> None:
     rank, world = gather.rank(), gather.world_size()
     is_main = rank == 0
-    if settings.batch_size % world:
-        raise ValueError(f"batch_size: {settings.batch_size} is not divisible by the world size {world}")
-    per_rank_batch = settings.batch_size // world
+    accumulate = settings.accumulate_steps
+    if settings.batch_size % (world * accumulate):
+        raise ValueError(
+            f"batch_size: {settings.batch_size} is not divisible by world size {world} x accumulate_steps {accumulate}"
+        )
+    micro_batch = settings.batch_size // (world * accumulate)  # per rank, per forward pass
+    per_rank_batch = micro_batch * accumulate  # per rank, per optimizer step
 
     torch.manual_seed(settings.seed)  # identical initial weights and queues on every rank
     method = get_method(settings.method)(settings.method_params, arch=settings.arch, crop_size=settings.crop_size)
+    if settings.sync_bn:
+        convert_sync_batchnorm(method, device)  # before the optimizer: on the CPU it makes new BN parameters
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     method.to(device).train()
+    if settings.channels_last:
+        method.to(memory_format=memory_format)
     optimizer = build_optimizer(method, settings.optimizer, settings.batch_size)
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
+    autocast_dtype = AUTOCAST_DTYPES.get(settings.amp)
 
     samples = ShardStream(shards, seed=settings.seed, rank=rank, world_size=world)
     steps_per_epoch = samples.num_samples // settings.batch_size
@@ -102,7 +118,7 @@ def _train(
     base_lr = scaled_lr(settings.optimizer, settings.batch_size)
 
     workdir.mkdir(parents=True, exist_ok=True)
-    step = _resume(method, optimizer, settings, workdir, steps_per_epoch, report=print if is_main else _silent)
+    step = _resume(method, optimizer, scaler, settings, workdir, steps_per_epoch, report=print if is_main else _silent)
     metrics_path = workdir / "metrics.jsonl"
     if is_main:
         _drop_metrics_after(metrics_path, step)
@@ -122,16 +138,29 @@ def _train(
         epoch, first_batch = divmod(step, steps_per_epoch)
         views.start_epoch(epoch, skip_samples=first_batch * per_rank_batch)
         batches = epoch_batches(
-            loader, method.collate, batch_size=per_rank_batch, first_batch=first_batch, num_batches=steps_per_epoch
+            loader,
+            method.collate,
+            batch_size=micro_batch,
+            first_batch=first_batch * accumulate,
+            num_batches=steps_per_epoch * accumulate,
         )
-        for batch in batches:
+        for micro_batches in _groups(batches, accumulate):
             info = StepInfo(step, epoch, steps_per_epoch, total_steps, settings.seed)
             lr = warmup_cosine_lr(step, base_lr=base_lr, warmup_steps=warmup_steps, total_steps=total_steps)
             set_lr(optimizer, lr)
-            losses = model(_to_device(batch, device), info)
             optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
+            losses: dict[str, torch.Tensor] = {}
+            for index, batch in enumerate(micro_batches):
+                # DDP all-reduces gradients once per optimizer step, on the last micro-batch.
+                last = index == accumulate - 1
+                with nullcontext() if last or model is method else model.no_sync():
+                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        micro_losses = model(_to_device(batch, device, memory_format), info)
+                    scaler.scale(micro_losses["loss"] / accumulate).backward()
+                for name, value in micro_losses.items():
+                    losses[name] = losses.get(name, 0.0) + value.detach().float() / accumulate
+            scaler.step(optimizer)
+            scaler.update()
             method.update_momentum(info)
             step += 1
 
@@ -147,7 +176,7 @@ def _train(
                 if step % settings.log_every == 0 or step == last_step:
                     progress.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{lr:.4g}", img_s=f"{images_per_s:.1f}")
             if is_main and (step % settings.checkpoint_every_steps == 0 or step == last_step):
-                state = _training_state(method, optimizer, settings, step, steps_per_epoch)
+                state = _training_state(method, optimizer, scaler, settings, step, steps_per_epoch)
                 save_resume_checkpoint(workdir, step, state, settings.keep_checkpoints)
             if step == last_step:
                 break
@@ -170,8 +199,19 @@ def _silent(message: str) -> None:
     del message  # non-zero ranks do not print what rank 0 already reports
 
 
+def _groups(batches: Iterable[Any], size: int) -> Iterator[tuple[Any, ...]]:
+    """Consecutive tuples of ``size`` batches (the micro-batches of one optimizer step)."""
+    iterator = iter(batches)
+    return zip(*[iterator] * size)
+
+
 def _training_state(
-    method: PretrainMethod, optimizer: torch.optim.Optimizer, settings: PretrainSettings, step: int, steps_per_epoch: int
+    method: PretrainMethod,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    settings: PretrainSettings,
+    step: int,
+    steps_per_epoch: int,
 ) -> dict[str, Any]:
     # The LR schedule is a pure function of the step, so the step is its position.
     return {
@@ -180,6 +220,7 @@ def _training_state(
         "steps_per_epoch": steps_per_epoch,
         "model": method.state_dict(),  # online and momentum encoders, and queues (buffers)
         "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),  # fp16 loss scale and its growth tracker ({} without fp16)
         "rng": capture_rng_state(),
         "config": settings.to_dict(),
     }
@@ -188,12 +229,13 @@ def _training_state(
 def _resume(
     method: PretrainMethod,
     optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
     settings: PretrainSettings,
     workdir: Path,
     steps_per_epoch: int,
     report: Callable[[str], None],
 ) -> int:
-    """Load the newest valid checkpoint in ``workdir`` into ``method`` and ``optimizer``; return its step (0 if none)."""
+    """Load the newest valid checkpoint in ``workdir`` into the method, optimizer and scaler; return its step (0 if none)."""
     found = load_latest_checkpoint(workdir, report)
     if found is None:
         return 0
@@ -208,6 +250,7 @@ def _resume(
         )
     method.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
     restore_rng_state(state["rng"])
     report(f"resuming from step {state['step']} (checkpoint {path})")
     return state["step"]
@@ -220,11 +263,14 @@ def _drop_metrics_after(path: Path, step: int) -> None:
         write_text_atomic(path, "".join(kept))
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def _to_device(batch: Any, device: torch.device, memory_format: torch.memory_format) -> Any:
+    """Tensors of ``batch`` to ``device``; (B, C, H, W) images in ``memory_format``."""
     if isinstance(batch, torch.Tensor):
+        if batch.dim() == 4 and batch.is_floating_point():
+            return batch.to(device, memory_format=memory_format, non_blocking=True)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
-        return {key: _to_device(value, device) for key, value in batch.items()}
+        return {key: _to_device(value, device, memory_format) for key, value in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(value, device) for value in batch)
+        return type(batch)(_to_device(value, device, memory_format) for value in batch)
     return batch

@@ -2,8 +2,9 @@
 
 Each sample's augmentations draw from an rng seeded by (run seed, epoch, sample key), so a
 sample gets the same views in any worker, in any process, before and after a resume. A resume
-in the middle of an epoch re-creates the epoch's stream and skips the consumed samples before
-augmenting them: workers yield ``None`` in their place and the main process drops those.
+in the middle of an epoch re-creates the epoch's stream with the consumed samples skipped by
+the shard reader itself (``ShardStream.set_epoch(epoch, skip=n)``): they are never read,
+decoded or augmented, and the next sample is the one an uninterrupted run would take next.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 from regioncl.data.shards import ShardStream
 
@@ -28,31 +29,25 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
 
 
 class ViewStream(IterableDataset):
-    """One item per sample of ``samples``: the method's views, or None for a sample skipped on resume."""
+    """One item per sample of ``samples``: the method's views."""
 
     def __init__(self, samples: ShardStream, make_views: MakeViews, seed: int) -> None:
         self.samples = samples
         self.make_views = make_views
         self.seed = seed
         self.epoch = 0
-        self.skip_samples = 0
 
     def start_epoch(self, epoch: int, skip_samples: int) -> None:
-        """Call before creating the DataLoader iterator: workers copy the dataset when it starts."""
-        self.epoch = epoch
-        self.skip_samples = skip_samples
-        self.samples.set_epoch(epoch)
+        """Call before creating the DataLoader iterator: workers copy the dataset when it starts.
 
-    def __iter__(self) -> Iterator[dict[str, Any] | None]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for index, sample in enumerate(self.samples):
-            # The DataLoader takes items from its workers round-robin, so this worker's item
-            # ``index`` is the rank's item ``worker + index * workers``.
-            if worker + index * workers < self.skip_samples:
-                yield None
-            else:
-                yield self.make_views(sample, sample_rng(self.seed, self.epoch, sample["key"]))
+        ``skip_samples``: how many of this rank's samples of the epoch were already trained on.
+        """
+        self.epoch = epoch
+        self.samples.set_epoch(epoch, skip=skip_samples)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for sample in self.samples:
+            yield self.make_views(sample, sample_rng(self.seed, self.epoch, sample["key"]))
 
 
 def _keep_item(item: Any) -> Any:
@@ -86,17 +81,12 @@ def epoch_batches(
     first_batch: int,
     num_batches: int,
 ) -> Iterator[dict[str, Any]]:
-    """Batches ``first_batch .. num_batches - 1`` of the epoch the loader's ViewStream was started on."""
+    """Batches ``first_batch .. num_batches - 1`` of the epoch the loader's ViewStream was started on
+    (with its first ``first_batch * batch_size`` samples skipped)."""
     items = iter(loader)
-    skipped = list(itertools.islice(items, first_batch * batch_size))
-    if len(skipped) != first_batch * batch_size or any(item is not None for item in skipped):
-        raise RuntimeError(
-            f"resume: expected the first {first_batch * batch_size} samples of the epoch to be skipped; the "
-            "worker split is not round-robin (batch_size must be >= num_workers with balanced worker shares)"
-        )
     for index in range(first_batch, num_batches):
         samples = list(itertools.islice(items, batch_size))
-        if len(samples) < batch_size or any(sample is None for sample in samples):
+        if len(samples) < batch_size:
             raise RuntimeError(
                 f"data: this rank's stream ended at batch {index} of {num_batches}; "
                 "the shard reader gave this rank fewer than num_samples / world_size samples"

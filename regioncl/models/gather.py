@@ -34,3 +34,27 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     reduced = tensor.detach().clone()
     dist.all_reduce(reduced)
     return reduced / world_size()
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """y = sum over ranks of x, on every rank. Backward: every rank's y fed every rank's loss, so
+    dL/dx = sum over ranks of dL/dy -- another all-reduce of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        reduced = tensor.clone()
+        dist.all_reduce(reduced)
+        return reduced
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        reduced = grad.clone()
+        dist.all_reduce(reduced)
+        return reduced
+
+
+def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over ranks, differentiable (gradients flow back to every rank's input)."""
+    if world_size() == 1:
+        return tensor
+    return _AllReduceSum.apply(tensor)

@@ -13,6 +13,7 @@ from regioncl.proposals.selective_search import (
     SelectiveSearchSettings,
     selective_search,
 )
+from regioncl.proposals.stats import proposal_stats
 
 __all__ = [
     "BoxFilterSettings",
@@ -20,6 +21,7 @@ __all__ = [
     "ProposalSettings",
     "SelectiveSearchSettings",
     "filter_boxes",
+    "proposal_stats",
     "read_proposals",
     "run_chunk",
     "selective_search",

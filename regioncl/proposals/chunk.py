@@ -11,9 +11,9 @@ import json
 import multiprocessing
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +44,9 @@ PROPOSAL_MODES = ("selective_search", "random")
 PROPOSALS_FORMAT = "regioncl.proposals/1"
 # Parquet schema metadata key holding {"format", "settings"}: a chunk file says how it was made.
 METADATA_KEY = b"regioncl"
+# Tasks in flight per worker process: enough to keep every worker busy while the main process
+# consumes results in order, few enough that memory does not grow with the chunk.
+_WINDOW_PER_PROCESS = 4
 
 PARQUET_SCHEMA = pa.schema(
     [
@@ -173,8 +176,22 @@ def _results(tasks: Sequence[tuple[str, str, ProposalSettings]], processes: int)
     # raises BrokenProcessPool.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(processes, mp_context=context, initializer=_init_worker) as pool:
-        # map yields in task order as results arrive, releasing each one when consumed.
-        yield pool.map(propose_image, tasks)
+        yield _in_order(pool, tasks, window=_WINDOW_PER_PROCESS * processes)
+
+
+def _in_order(
+    pool: ProcessPoolExecutor, tasks: Sequence[tuple[str, str, ProposalSettings]], window: int
+) -> Iterator[ImageProposals | BadImage]:
+    """``propose_image`` over ``tasks`` in task order, with at most ``window`` tasks submitted
+    and not yet consumed (``Executor.map`` would submit the whole chunk up front and keep every
+    future and result alive until its turn)."""
+    pending: deque[Future[ImageProposals | BadImage]] = deque()
+    for task in tasks:
+        pending.append(pool.submit(propose_image, task))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def run_chunk(
@@ -238,13 +255,16 @@ def run_chunk(
 
 
 def _write_parquet(rows: Sequence[ImageProposals], settings: ProposalSettings, out: Path) -> None:
+    # Boxes go to Arrow straight from numpy (offsets + one flat array), not through Python floats.
+    offsets = np.concatenate([[0], np.cumsum([row.boxes.size for row in rows])]).astype(np.int32)
+    coordinates = np.concatenate([row.boxes.reshape(-1) for row in rows]).astype(np.float64)
     table = pa.Table.from_pydict(
         {
             "key": [row.key for row in rows],
             "path": [row.path for row in rows],
             "width": [row.width for row in rows],
             "height": [row.height for row in rows],
-            "boxes": [row.boxes.reshape(-1).tolist() for row in rows],
+            "boxes": pa.ListArray.from_arrays(pa.array(offsets), pa.array(coordinates)),
             "rule": [row.rule for row in rows],
         },
         schema=PARQUET_SCHEMA,
@@ -255,17 +275,23 @@ def _write_parquet(rows: Sequence[ImageProposals], settings: ProposalSettings, o
         pq.write_table(table, tmp)
 
 
-def read_proposals(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows of a chunk parquet (``boxes`` as (K, 4) float64 arrays) and the settings that made it."""
-    table = pq.read_table(path)
-    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+def read_proposal_settings(path: Path) -> dict[str, Any]:
+    """The settings that made a chunk parquet, after checking (from its footer only) that it is one."""
+    schema = pq.read_schema(path)
+    raw = (schema.metadata or {}).get(METADATA_KEY)
     metadata = json.loads(raw) if raw else {}
-    if metadata.get("format") != PROPOSALS_FORMAT or table.schema.remove_metadata() != PARQUET_SCHEMA:
+    if metadata.get("format") != PROPOSALS_FORMAT or schema.remove_metadata() != PARQUET_SCHEMA:
         raise ValueError(
             f"{path}: not a regioncl proposals file (expected format {PROPOSALS_FORMAT!r} with columns "
             f"{', '.join(PARQUET_SCHEMA.names)}); re-run the proposals stage"
         )
-    rows = table.to_pylist()
+    return metadata["settings"]
+
+
+def read_proposals(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of a chunk parquet (``boxes`` as (K, 4) float64 arrays) and the settings that made it."""
+    settings = read_proposal_settings(path)
+    rows = pq.read_table(path).to_pylist()
     for row in rows:
         row["boxes"] = np.asarray(row["boxes"], dtype=np.float64).reshape(-1, 4)
-    return rows, metadata["settings"]
+    return rows, settings

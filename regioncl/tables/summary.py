@@ -6,27 +6,22 @@ Input: the evaluator's metrics JSON files (`regioncl evaluate`), each with `meth
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from regioncl.io import write_text_atomic
+from regioncl.tables.metrics import read_metrics_records
 
 METRICS = ("AP", "AP50", "AP75")
 IOU_TYPE_LABELS = {"bbox": "box", "segm": "mask"}
-REQUIRED_FIELDS = ("method", "run", "benchmark", "seed", "metrics")
 
 
 def load_metrics(paths: Sequence[Path]) -> pd.DataFrame:
     """Long table: one row per (file, iou_type) with the AP columns."""
     rows = []
-    for path in paths:
-        record = json.loads(Path(path).read_text())
-        missing = [field for field in REQUIRED_FIELDS if field not in record]
-        if missing:
-            raise ValueError(f"{path}: metrics file lacks field(s) {missing}; expected {list(REQUIRED_FIELDS)}")
+    for path, record in read_metrics_records(paths):
         for iou_type, values in record["metrics"].items():
             absent = [m for m in METRICS if m not in values]
             if absent:
@@ -41,8 +36,6 @@ def load_metrics(paths: Sequence[Path]) -> pd.DataFrame:
                     **{m: float(values[m]) for m in METRICS},
                 }
             )
-    if not rows:
-        raise ValueError("no metrics given: expected at least one metrics.json")
     return pd.DataFrame(rows)
 
 
@@ -78,13 +71,14 @@ def to_markdown(table: pd.DataFrame) -> str:
         label = mean_column.removesuffix(" mean")
         std_column = f"{label} std"
         shown[label] = [
-            _cell(mean, std, seeds)
+            format_mean_std(mean, std, seeds)
             for mean, std, seeds in zip(table[mean_column], table[std_column], table["seeds"], strict=True)
         ]
     return shown.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
-def _cell(mean: float, std: float, seeds: int) -> str:
+def format_mean_std(mean: float, std: float, seeds: int) -> str:
+    """`mean ± std` with one decimal; the mean alone for one seed; `—` for no result."""
     if pd.isna(mean):
         return "—"
     return f"{mean:.1f} ± {std:.1f}" if seeds > 1 and not pd.isna(std) else f"{mean:.1f}"

@@ -8,8 +8,14 @@ Faster R-CNN, R50-FPN, SyncBN finetuned in all stages, 1x schedule (90k iteratio
 lr 0.02, decays at 60k and 80k, 1000 linear warm-up iterations from 0.001), multi-scale training
 (shorter side 640-800, longer side <= 1333), test at 800, torchvision's standard head sizes
 (FPN 256 channels, 1024-d box head, 256 / 512 sampled anchors / RoIs per image) and ImageNet
-pixel statistics. Differences from the papers' detectron2 configs: the norm applies to the
-backbone only (the papers also normalise FPN and heads with SyncBN, and use a 4conv1fc box head).
+pixel statistics.
+
+The papers' own protocols (``config/benchmarks/*.yaml``, loaded by ``regioncl.transfer.registry``)
+run on the detectron2 backend, which also builds R50-C4 detectors (``fpn: false``), RetinaNet,
+norms in the FPN and heads (``fpn_norm``, ``head_norm``), SoCo's 4conv1fc box head, MoCo's extra
+norm after res5 (``res5_extra_norm``), precise BN and LVIS's repeat-factor sampler. The
+torchvision backend builds FPN Faster/Mask R-CNN with the norm in the backbone only and rejects
+the settings it cannot honour, by name.
 
 On the CPU a config sets slim heads (e.g. ``heads: {fpn_channels: 64, box_head_dim: 256,
 roi_batch_size_per_image: 128}``): the same code path, smaller numbers.
@@ -25,14 +31,24 @@ from typing import Any
 from regioncl.data.layouts import DatasetSpec
 from regioncl.settings import Settings
 
-BACKENDS = ("torchvision",)
-MODEL_FAMILIES = ("faster_rcnn", "mask_rcnn")
+BACKENDS = ("torchvision", "detectron2")
+MODEL_FAMILIES = ("faster_rcnn", "mask_rcnn", "retinanet")
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 NORMS = ("bn", "frozen_bn", "syncbn")
+EXTRA_NORMS = ("none", "bn", "syncbn")  # norms added to the FPN / RoI heads ("none": no norm)
+BOX_HEADS = ("2fc", "4conv1fc")  # detectron2 FastRCNNConvFCHead: 0 conv + 2 fc, or 4 conv + 1 fc
+SAMPLERS = ("uniform", "repeat_factor")  # detectron2 TrainingSampler / RepeatFactorTrainingSampler
+SIZE_SAMPLING = ("choice", "range")  # detectron2 INPUT.MIN_SIZE_TRAIN_SAMPLING
 OPTIMIZERS = ("sgd",)
+# Annotation formats of the detection layouts (how a split's two paths are read):
+#   coco:       annotations = a COCO instances JSON,      images = its image directory
+#   lvis:       annotations = an LVIS v1 JSON,            images = the COCO root holding {train,val}2017
+#   voc:        annotations = VOC<year>/ImageSets/Main/<split>.txt, images = VOC<year>/JPEGImages
+#   cityscapes: annotations = gtFine/<split>,             images = leftImg8bit/<split>
+DATASET_FORMATS = ("coco", "lvis", "voc", "cityscapes")
 
 # Where each dataset layout keeps its detection splits (relative to the dataset root).
-SPLIT_PATHS: dict[str, dict[str, str]] = {
+SPLIT_PATHS: dict[str, dict[str, Any]] = {
     "embedded": {
         "train_json": "annotations/instances_train.json",
         "train_images": "train",
@@ -44,6 +60,31 @@ SPLIT_PATHS: dict[str, dict[str, str]] = {
         "train_images": "train2017",
         "val_json": "annotations/instances_val2017.json",
         "val_images": "val2017",
+    },
+    # VOC07+12 trainval -> VOC07 test (the MoCo protocol)
+    "voc": {
+        "format": "voc",
+        "train_json": "VOC2007/ImageSets/Main/trainval.txt",
+        "train_images": "VOC2007/JPEGImages",
+        "extra_train": [
+            {"annotations": "VOC2012/ImageSets/Main/trainval.txt", "images": "VOC2012/JPEGImages"}
+        ],
+        "val_json": "VOC2007/ImageSets/Main/test.txt",
+        "val_images": "VOC2007/JPEGImages",
+    },
+    "cityscapes": {
+        "format": "cityscapes",
+        "train_json": "gtFine/train",
+        "train_images": "leftImg8bit/train",
+        "val_json": "gtFine/val",
+        "val_images": "leftImg8bit/val",
+    },
+    "lvis": {
+        "format": "lvis",
+        "train_json": "lvis/lvis_v1_train.json",
+        "train_images": "coco",
+        "val_json": "lvis/lvis_v1_val.json",
+        "val_images": "coco",
     },
 }
 
@@ -59,17 +100,38 @@ def _check_positive(where: str, value: float) -> None:
 
 
 @dataclass(frozen=True)
+class SplitPaths(Settings):
+    """One more training split (e.g. VOC2012 trainval), read like the main one (``format``)."""
+
+    annotations: str
+    images: str
+
+
+@dataclass(frozen=True)
 class DatasetPaths(Settings):
-    """A COCO-format detection dataset; relative paths are relative to ``root``."""
+    """A detection dataset; relative paths are relative to ``root``. ``format`` says how the
+    annotation and image paths of a split are read (see ``DATASET_FORMATS``); ``extra_train``
+    are further training splits concatenated to the first (VOC07+12)."""
 
     root: str
+    format: str = "coco"
     train_json: str = "annotations/instances_train.json"
     train_images: str = "train"
     val_json: str = "annotations/instances_val.json"
     val_images: str = "val"
+    extra_train: tuple[SplitPaths, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_choice("dataset.format", self.format, DATASET_FORMATS)
 
     def path(self, name: str) -> Path:
         return Path(self.root) / getattr(self, name)
+
+    def train_splits(self) -> tuple[tuple[Path, Path], ...]:
+        """(annotations, images) of every training split, absolute."""
+        first = (self.path("train_json"), self.path("train_images"))
+        root = Path(self.root)
+        return (first, *((root / s.annotations, root / s.images) for s in self.extra_train))
 
 
 @dataclass(frozen=True)
@@ -95,9 +157,14 @@ class HeadSettings(Settings):
 class InputSettings(Settings):
     """Resize, flip and normalisation (pixel statistics on the 0..1 RGB scale)."""
 
-    # Training picks one shorter-side size per image at random; testing uses the last one.
+    # Training picks one shorter-side size per image at random (``min_size_sampling``
+    # "choice": one of the sizes; "range": uniform between the first two); testing uses
+    # ``min_size_test`` / ``max_size_test`` (0: the last ``min_size`` / ``max_size``).
     min_size: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
     max_size: int = 1333
+    min_size_sampling: str = "choice"
+    min_size_test: int = 0
+    max_size_test: int = 0
     hflip_prob: float = 0.5
     pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -108,11 +175,25 @@ class InputSettings(Settings):
         if not self.min_size or any(s <= 0 for s in self.min_size):
             raise ValueError(f"input.min_size: expected positive sizes, got {self.min_size!r}")
         _check_positive("input.max_size", self.max_size)
+        _check_choice("input.min_size_sampling", self.min_size_sampling, SIZE_SAMPLING)
+        if self.min_size_sampling == "range" and len(self.min_size) != 2:
+            raise ValueError(f"input.min_size: 'range' sampling needs [low, high], got {self.min_size!r}")
+        for name in ("min_size_test", "max_size_test"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"input.{name}: expected >= 0 (0: as in training), got {getattr(self, name)!r}")
         if not 0.0 <= self.hflip_prob <= 1.0:
             raise ValueError(f"input.hflip_prob: expected a probability, got {self.hflip_prob!r}")
         for name in ("pixel_mean", "pixel_std"):
             if len(getattr(self, name)) != 3:
                 raise ValueError(f"input.{name}: expected 3 values (RGB), got {getattr(self, name)!r}")
+
+    @property
+    def eval_min_size(self) -> int:
+        return self.min_size_test or self.min_size[-1]
+
+    @property
+    def eval_max_size(self) -> int:
+        return self.max_size_test or self.max_size
 
 
 @dataclass(frozen=True)
@@ -148,23 +229,36 @@ class EvalSettings(Settings):
 
     def __post_init__(self) -> None:
         _check_positive("eval.batch_size", self.batch_size)
+        if not 0.0 <= self.score_threshold < 1.0:
+            raise ValueError(f"eval.score_threshold: expected 0 <= t < 1, got {self.score_threshold!r}")
         _check_positive("eval.detections_per_image", self.detections_per_image)
 
 
 @dataclass(frozen=True)
 class BenchmarkSettings(Settings):
-    """One transfer benchmark. ``model`` is the detector family; ``norm`` the backbone's norm:
-    ``bn`` (trainable BatchNorm), ``syncbn`` (the same, synchronised across processes) or
-    ``frozen_bn`` (torchvision's default for ImageNet-supervised weights)."""
+    """One transfer benchmark. ``model`` is the detector family; ``fpn`` false builds the C4
+    variant (res5 as the RoI head); ``norm`` the backbone's norm: ``bn`` (trainable BatchNorm),
+    ``syncbn`` (the same, synchronised across processes) or ``frozen_bn`` (torchvision's default
+    for ImageNet-supervised weights). ``protocol`` names the registry entry it came from."""
 
     name: str
     dataset: DatasetPaths
     dataset_name: str = ""  # the workflow config's dataset key (for the DAG); "" outside it
+    protocol: str = ""  # the config/benchmarks registry entry it was built from; "" if none
     backend: str = "torchvision"
     model: str = "mask_rcnn"
     arch: str = "resnet50"
     fpn: bool = True
     norm: str = "syncbn"
+    fpn_norm: str = "none"  # norm after the FPN's lateral and output convs (detectron2 FPN.NORM)
+    box_head: str = "2fc"
+    head_norm: str = "none"  # norm in the conv box head and the mask head (SoCo: syncbn)
+    res5_extra_norm: bool = False  # C4: MoCo's Res5ROIHeadsExtraNorm (a norm after res5)
+    precise_bn: bool = False  # recompute BN statistics before evaluation (detectron2 PreciseBN)
+    sampler: str = "uniform"
+    repeat_threshold: float = 0.001  # RepeatFactorTrainingSampler threshold (LVIS)
+    train_fraction: float = 1.0  # < 1: train on a random image subset (semi-supervised COCO)
+    subset_seed: int = 0  # the subset's sampling seed (fixed across finetuning seeds)
     trainable_layers: int = 5  # ResNet stages finetuned, counted from the top (5 = all + stem)
     heads: HeadSettings = field(default_factory=HeadSettings)
     input: InputSettings = field(default_factory=InputSettings)
@@ -176,8 +270,32 @@ class BenchmarkSettings(Settings):
         _check_choice("model", self.model, MODEL_FAMILIES)
         _check_choice("arch", self.arch, ARCHS)
         _check_choice("norm", self.norm, NORMS)
-        if not self.fpn:
-            raise ValueError("fpn: the torchvision backend builds FPN detectors only; expected true")
+        _check_choice("fpn_norm", self.fpn_norm, EXTRA_NORMS)
+        _check_choice("head_norm", self.head_norm, EXTRA_NORMS)
+        _check_choice("box_head", self.box_head, BOX_HEADS)
+        _check_choice("sampler", self.sampler, SAMPLERS)
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ValueError(f"train_fraction: expected 0 < f <= 1, got {self.train_fraction!r}")
+        if not self.fpn and (self.model == "retinanet" or self.fpn_norm != "none" or self.box_head != "2fc"):
+            raise ValueError(
+                "fpn: false (C4) has res5 as its box head and no FPN; expected model faster_rcnn or "
+                f"mask_rcnn, fpn_norm 'none' and box_head '2fc' (got {self.model!r}, "
+                f"{self.fpn_norm!r}, {self.box_head!r})"
+            )
+        if self.fpn and self.res5_extra_norm:
+            raise ValueError("res5_extra_norm: only C4 detectors (fpn: false) have a res5 head")
+        if not self.fpn and self.arch in ("resnet18", "resnet34"):
+            raise ValueError(
+                f"arch: {self.arch!r} has basic blocks; the C4 res5 head (fpn: false) needs "
+                "resnet50 or resnet101"
+            )
+        if self.backend == "detectron2" and self.input.hflip_prob not in (0.0, 0.5):
+            raise ValueError(
+                f"input.hflip_prob: detectron2 flips with probability 0.5 or not at all; got "
+                f"{self.input.hflip_prob!r}, expected 0.0 or 0.5"
+            )
+        if self.backend == "torchvision":
+            self._check_torchvision_can_build()
         if not 0 <= self.trainable_layers <= 5:
             raise ValueError(f"trainable_layers: expected 0..5, got {self.trainable_layers!r}")
         # Frozen stages with batch statistics would drift while their weights stay fixed
@@ -187,6 +305,30 @@ class BenchmarkSettings(Settings):
                 f"trainable_layers: {self.trainable_layers} freezes stages, which needs "
                 f"norm 'frozen_bn' (got {self.norm!r}); expected 5 with trainable norms"
             )
+
+    def _check_torchvision_can_build(self) -> None:
+        """The torchvision backend builds FPN Faster/Mask R-CNN with a 2fc head from COCO-format
+        data; name the first setting it would otherwise silently ignore."""
+        unsupported = {
+            "model": (self.model, ("faster_rcnn", "mask_rcnn")),
+            "fpn": (self.fpn, (True,)),
+            "fpn_norm": (self.fpn_norm, ("none",)),
+            "head_norm": (self.head_norm, ("none",)),
+            "box_head": (self.box_head, ("2fc",)),
+            "precise_bn": (self.precise_bn, (False,)),
+            "sampler": (self.sampler, ("uniform",)),
+            "dataset.format": (self.dataset.format, ("coco",)),
+            "dataset.extra_train": (len(self.dataset.extra_train), (0,)),
+            "input.min_size_sampling": (self.input.min_size_sampling, ("choice",)),
+            "input.min_size_test": (self.input.min_size_test, (0, self.input.min_size[-1])),
+            "input.max_size_test": (self.input.max_size_test, (0, self.input.max_size)),
+        }
+        for where, (value, supported) in unsupported.items():
+            if value not in supported:
+                raise ValueError(
+                    f"{where}: {value!r} needs backend 'detectron2'; the torchvision backend "
+                    f"supports {list(supported)}"
+                )
 
     @property
     def with_masks(self) -> bool:
@@ -200,7 +342,14 @@ class BenchmarkSettings(Settings):
 def resolve_benchmark(name: str, entry: dict[str, Any], dataset: DatasetSpec) -> dict[str, Any]:
     """The fully resolved ``BenchmarkSettings.from_dict`` input (defaults filled in) for a
     config entry (without its ``dataset`` key) on a configured dataset, whose layout supplies
-    the split paths."""
+    the split paths. An entry with ``protocol: <registry name>`` starts from that registered
+    benchmark (``config/benchmarks/*.yaml``); its other keys override the registry's values."""
+    if "protocol" in entry:
+        from regioncl.transfer.registry import load_registry
+
+        registered = load_registry().get(entry["protocol"], f"benchmarks.{name}.protocol")
+        registered.check_layout(dataset.layout, f"benchmarks.{name}.dataset")
+        entry = registered.settings_with(entry)
     if dataset.layout not in SPLIT_PATHS:
         raise ValueError(
             f"benchmarks.{name}.dataset: {dataset.name!r} has layout {dataset.layout!r}, which "

@@ -30,6 +30,7 @@ from regioncl.convert import TORCHVISION_FORMAT
 from regioncl.io import atomic_path
 from regioncl.transfer.benchmarks import BenchmarkSettings, SolverSettings
 from regioncl.transfer.coco_data import CocoDetection, hflip
+from regioncl.transfer.subsets import training_annotations
 
 DETECTOR_FORMAT = "regioncl.detector/1"
 CHECKPOINT_NAME = "checkpoint_last.pt"
@@ -241,11 +242,10 @@ def finetune(
     ``solver.checkpoint_every`` iterations.
     """
     solver = benchmark.solver
-    data = CocoDetection(
-        benchmark.dataset.path("train_json"),
-        benchmark.dataset.path("train_images"),
-        with_masks=benchmark.with_masks,
+    annotations = training_annotations(
+        benchmark.dataset.path("train_json"), benchmark.train_fraction, benchmark.subset_seed, workdir
     )
+    data = CocoDetection(annotations, benchmark.dataset.path("train_images"), with_masks=benchmark.with_masks)
     torch.manual_seed(seed)
     model = build_detector(benchmark, num_classes=len(data.category_ids))
     source = {"method": "random"}

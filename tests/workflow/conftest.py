@@ -39,5 +39,8 @@ def roots_pointing_at_fixtures(tmp_path: Path) -> Path:
         "datasets:\n"
         f"  imagenet: {{layout: imagenet, root: {FIXTURE_DATASETS / 'imagenet'}}}\n"
         f"  coco: {{layout: coco, root: {FIXTURE_DATASETS / 'coco'}}}\n"
+        f"  voc: {{layout: voc, root: {FIXTURE_DATASETS / 'voc'}}}\n"
+        f"  cityscapes: {{layout: cityscapes, root: {FIXTURE_DATASETS / 'cityscapes'}}}\n"
+        f"  lvis: {{layout: lvis, root: {FIXTURE_DATASETS / 'lvis'}}}\n"
     )
     return overlay

@@ -22,24 +22,32 @@ def test_default_config_plans_every_stage(tmp_path):
         "embedded_dataset": 1,
         "image_list": 1,
         "proposals": 4,
+        "proposal_stats": 1,
         "shards": 4,
         "pretrain": 1,
         "convert": 1,
         "finetune": 2,  # moco_v2 and the random baseline
         "evaluate": 2,
         "tables": 1,
+        "paper_tables": 1,
         "all": 1,
     }
 
 
 def test_paper_config_plans_the_full_grid_on_the_real_layouts(tmp_path, roots_pointing_at_fixtures):
-    result = snakemake(tmp_path, "-n", "--configfile", str(ROOT / "config/paper.yaml"), str(roots_pointing_at_fixtures))
+    result = snakemake(
+        tmp_path, "-n", "-p", "--configfile", str(ROOT / "config/paper.yaml"), str(roots_pointing_at_fixtures)
+    )
     jobs = planned_jobs(result.stdout)
     assert jobs["proposals"] == jobs["shards"] == 1024
-    assert jobs["pretrain"] == jobs["convert"] == 2  # moco_v2 200 and 800 epochs
-    assert jobs["finetune"] == jobs["evaluate"] == 3  # + random, on COCO Mask R-CNN 1x
+    assert jobs["pretrain"] == jobs["convert"] == 3  # moco_v2 200 and 800 epochs, byol 300
+    # (random + 3 runs) x (11 benchmarks x 1 seed + VOC x 5 seeds, as the papers average)
+    assert jobs["finetune"] == jobs["evaluate"] == 4 * (11 + 5)
     assert "results/pretrain/moco_v2_r50_800ep/checkpoint_final.pt" in result.stdout
-    assert "results/finetune/random/coco_mask_rcnn_r50fpn_1x/seed0/metrics.json" in result.stdout
+    assert "results/finetune/random/coco_mrcnn_r50fpn_1x/seed0/metrics.json" in result.stdout
+    assert "results/finetune/moco_v2_r50_200ep/voc0712_frcnn_r50c4_24k/seed4/model.pt" in result.stdout
+    # C4 protocols run on detectron2, which loads the .pkl conversion.
+    assert "--weights results/weights/moco_v2_r50_200ep.d2.pkl" in result.stdout
 
 
 def test_invalid_config_value_is_a_schema_error_naming_key_and_allowed_values(tmp_path):

@@ -3,17 +3,19 @@
 
 rule finetune:
     input:
-        weights=lambda w: PLAN.weights_inputs(w.run),
+        weights=lambda w: PLAN.weights_inputs(w.run, w.benchmark),
         dataset=lambda w: PLAN.benchmark_inputs(w.benchmark),
     output:
         "results/finetune/{run}/{benchmark}/seed{seed}/model.pt",
     params:
         settings=lambda w: PLAN.quoted(PLAN.benchmark(w.benchmark)),
-        weights=lambda w: PLAN.weights_arg(w.run),
+        weights=lambda w: PLAN.weights_arg(w.run, w.benchmark),
         workdir="results/work/finetune/{run}/{benchmark}/seed{seed}",
     threads: PLAN.finetune_threads
     resources:
         runtime=PLAN.resource("finetune", "runtime", 60),
+        slurm_partition=PLAN.resource("finetune", "partition", None),
+        slurm_account=PLAN.resource("finetune", "account", None),
         mem_mb=PLAN.resource("finetune", "mem_mb", 8000),
     conda:
         ENV,

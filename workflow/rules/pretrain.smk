@@ -1,6 +1,20 @@
 # One (possibly distributed) pretraining job per run. Resumable checkpoints live in
 # results/work/, which is not a declared output: Snakemake deletes the outputs of a failed
 # job, and a re-run must find the checkpoints to resume from.
+#
+# `pretrain.launch.mode` picks how the job starts its processes (regioncl/launch.py,
+# docs/slurm.md): `standalone` (one node; torchrun --standalone when nproc_per_node > 1),
+# `per_node` (one SLURM task per node running torchrun, c10d rendezvous on the first host) or
+# `per_task` (one SLURM task per process, ranks from SLURM). Multi-task modes need SLURM.
+from regioncl.launch import LaunchPlan, LaunchSettings
+
+PRETRAIN_LAUNCH = LaunchPlan.build(
+    LaunchSettings.from_dict(config["pretrain"].get("launch", {})),
+    nodes=PLAN.resource("pretrain", "nodes", 1),
+    nproc_per_node=PLAN.pretrain_nproc_per_node,
+    gpus_per_node=PLAN.resource("pretrain", "gpus", 0),
+    cpus_per_task=PLAN.pretrain_threads,
+)
 
 
 rule pretrain:
@@ -12,15 +26,18 @@ rule pretrain:
         settings=lambda w: PLAN.quoted(PLAN.run(w.run).settings),
         workdir="results/work/pretrain/{run}",
         nproc=PLAN.pretrain_nproc_per_node,
+        launch=PRETRAIN_LAUNCH.step_prefix(),
     threads: PLAN.pretrain_threads
     resources:
         runtime=PLAN.resource("pretrain", "runtime", 60),
         mem_mb=PLAN.resource("pretrain", "mem_mb", 8000),
-        nodes=PLAN.resource("pretrain", "nodes", 1),
+        slurm_partition=PLAN.resource("pretrain", "partition", None),
+        slurm_account=PLAN.resource("pretrain", "account", None),
+        **PRETRAIN_LAUNCH.slurm_resources(),
     conda:
         ENV,
     log:
         "results/logs/pretrain/{run}.log",
     shell:
-        "python -m regioncl.cli pretrain --settings {params.settings} --shards {input} "
+        "{params.launch} python -m regioncl.cli pretrain --settings {params.settings} --shards {input} "
         "--nproc-per-node {params.nproc} --workdir {params.workdir} --out {output} 2>&1 | tee {log}"

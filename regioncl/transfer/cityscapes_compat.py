@@ -1,0 +1,79 @@
+"""Work around detectron2's Cityscapes evaluator importing an internal module path.
+
+Recent detectron2 source imports ``deeplearning.projects.cityscapesApi.cityscapesscripts...``
+inside ``CityscapesInstanceEvaluator.process`` (``helpers.labels``) and ``.evaluate``
+(``evaluation.evalInstanceLevelSemanticLabeling``) (facebookresearch/detectron2 issue 5436, see
+ECOSYSTEM.md), a path that exists only inside Meta. Python's import system looks every dotted
+name up in ``sys.modules`` first, so aliasing that path to the public ``cityscapesscripts``
+package (pip ``cityscapesscripts``) makes the evaluator import what it always meant to.
+
+cityscapesscripts 2.3 is also out of date with NumPy 2: it calls ``np.in1d`` (removed in 2.4)
+and json-dumps numpy integers through ``writeDict2JSON`` (``default=o.__dict__``). Its instance
+evaluation module gets a numpy whose ``in1d`` is ``isin`` flattened (``in1d``'s documented
+equivalent) and a ``writeDict2JSON`` that writes numpy scalars as Python numbers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import types
+
+import numpy
+
+INTERNAL_PREFIX = "deeplearning.projects.cityscapesApi"
+# The public modules the instance evaluator imports under the internal prefix, parents first.
+ALIASED_MODULES = (
+    "cityscapesscripts",
+    "cityscapesscripts.helpers",
+    "cityscapesscripts.helpers.labels",
+    "cityscapesscripts.evaluation",
+    "cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling",
+)
+
+
+class NumpyWithIn1d(types.ModuleType):
+    """numpy plus the ``in1d`` NumPy 2.4 removed, for modules written against older NumPy."""
+
+    def __getattr__(self, name: str):
+        return getattr(numpy, name)
+
+    @staticmethod
+    def in1d(ar1, ar2, assume_unique: bool = False, invert: bool = False) -> numpy.ndarray:
+        return numpy.isin(ar1, ar2, assume_unique=assume_unique, invert=invert).ravel()
+
+
+def _json_default(value: object) -> object:
+    return value.item() if isinstance(value, numpy.generic) else value.__dict__
+
+
+def write_dict_to_json(data: dict, path: str) -> None:
+    """cityscapesscripts' ``writeDict2JSON`` (same layout), with numpy scalars as numbers."""
+    with open(path, "w") as handle:
+        handle.write(json.dumps(data, default=_json_default, sort_keys=True, indent=4))
+
+
+def alias_cityscapes_scripts() -> None:
+    """Make ``INTERNAL_PREFIX.<module>`` resolve to ``<module>`` for ``ALIASED_MODULES``.
+
+    Raises ModuleNotFoundError naming the package when ``cityscapesscripts`` is missing.
+    Idempotent; never replaces a module that is already importable under the internal name.
+    Also gives the instance evaluation module its NumPy 2 fixes (module docstring).
+    """
+    try:
+        modules = [importlib.import_module(name) for name in ALIASED_MODULES]
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            "the Cityscapes evaluator needs the 'cityscapesscripts' package (pip install cityscapesscripts)"
+        ) from error
+    parts = INTERNAL_PREFIX.split(".")
+    for depth in range(1, len(parts) + 1):
+        name = ".".join(parts[:depth])
+        sys.modules.setdefault(name, types.ModuleType(name))
+    for name, module in zip(ALIASED_MODULES, modules):
+        sys.modules.setdefault(f"{INTERNAL_PREFIX}.{name}", module)
+    evaluation = modules[-1]
+    if not hasattr(numpy, "in1d") and getattr(evaluation, "np", None) is numpy:
+        evaluation.np = NumpyWithIn1d("numpy")
+    evaluation.writeDict2JSON = write_dict_to_json

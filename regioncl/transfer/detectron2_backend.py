@@ -1,0 +1,313 @@
+"""Finetune and evaluate a benchmark with detectron2's own trainer, data and evaluators.
+
+Import this module only when a benchmark has ``backend: detectron2`` (``regioncl.transfer.
+backends`` does): detectron2 is optional and imported at the top here.
+
+- Config: ``build_cfg`` = detectron2's defaults + ``detectron2_config.detectron2_options``.
+- Data: every split is registered under ``dataset_names(benchmark)`` from the benchmark's
+  explicit paths (COCO / LVIS JSON, VOC image-set lists, Cityscapes gtFine), so any dataset root
+  works, not only $DETECTRON2_DATASETS; a semi-supervised benchmark registers its subset JSON.
+- Training: ``DefaultTrainer`` (its optimizer, WarmupMultiStepLR, PreciseBN and periodic
+  checkpoints) in ``workdir``; ``resume_or_load(resume=True)`` continues from the workdir's
+  last checkpoint, else loads the converted ``.pkl``. ``launch`` spreads it over GPUs/machines.
+- Evaluation: COCOEvaluator, LVISEvaluator, PascalVOCDetectionEvaluator or
+  CityscapesInstanceEvaluator by dataset format; the record has ``regioncl.transfer.evaluate``'s
+  shape (metrics in percent per IoU type, with benchmark, weights, seed and versions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import detectron2
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.data.datasets import (
+    register_coco_instances,
+    register_lvis_instances,
+    register_pascal_voc,
+)
+from detectron2.data.datasets.cityscapes import load_cityscapes_instances
+from detectron2.data.datasets.lvis import get_lvis_instances_meta
+from detectron2.engine import DefaultTrainer, hooks, launch
+from detectron2.evaluation import (
+    CityscapesInstanceEvaluator,
+    COCOEvaluator,
+    DatasetEvaluator,
+    LVISEvaluator,
+    PascalVOCDetectionEvaluator,
+    inference_on_dataset,
+)
+from detectron2.layers import get_norm
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, Res5ROIHeads
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
+
+import regioncl
+from regioncl.io import atomic_path, write_json_atomic
+from regioncl.transfer.benchmarks import BenchmarkSettings
+from regioncl.transfer.cityscapes_compat import alias_cityscapes_scripts
+from regioncl.transfer.detectron2_config import (
+    FORMAT_NUM_CLASSES,
+    dataset_names,
+    detectron2_options,
+    flat_option_list,
+)
+from regioncl.transfer.subsets import training_annotations
+
+DETECTRON2_DETECTOR_FORMAT = "regioncl.detectron2-detector/1"
+IDENTITY_FILE = "identity.json"  # what the workdir's checkpoints were trained for
+# Cityscapes classes with instances, in cityscapesscripts' label order (detectron2's builtin
+# metadata; load_cityscapes_instances maps label ids to these contiguous ids).
+CITYSCAPES_THING_CLASSES = ("person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
+# Summary metrics kept from the evaluators' results (per-class "AP-<name>" entries are dropped).
+SUMMARY_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+
+
+class Res5ROIHeadsExtraNorm(Res5ROIHeads):
+    """MoCo's C4 RoI head (its detection/train_net.py): res5 followed by one more norm layer of
+    ``MODEL.RESNETS.NORM``, so the head's output is normalised like the backbone's."""
+
+    @classmethod
+    def _build_res5_block(cls, cfg: CfgNode):
+        seq, out_channels = super()._build_res5_block(cfg)
+        seq.add_module("norm", get_norm(cfg.MODEL.RESNETS.NORM, out_channels))
+        return seq, out_channels
+
+
+if "Res5ROIHeadsExtraNorm" not in ROI_HEADS_REGISTRY:
+    ROI_HEADS_REGISTRY.register(Res5ROIHeadsExtraNorm)
+
+
+def num_classes_of(benchmark: BenchmarkSettings) -> int:
+    """Fixed for VOC / Cityscapes / LVIS; counted from the evaluation JSON for COCO-format data."""
+    fmt = benchmark.dataset.format
+    if fmt in FORMAT_NUM_CLASSES:
+        return FORMAT_NUM_CLASSES[fmt]
+    with open(benchmark.dataset.path("val_json")) as handle:
+        return len(json.load(handle)["categories"])
+
+
+def build_cfg(
+    benchmark: BenchmarkSettings,
+    num_classes: int,
+    seed: int = 0,
+    output_dir: str = "",
+    weights: str = "",
+    device: str = "cpu",
+    num_workers: int = 2,
+) -> CfgNode:
+    """detectron2's default config with the benchmark's options merged in."""
+    cfg = get_cfg()
+    cfg.merge_from_list(flat_option_list(detectron2_options(benchmark, num_classes, seed, output_dir)))
+    cfg.MODEL.WEIGHTS = weights
+    cfg.MODEL.DEVICE = device
+    cfg.DATALOADER.NUM_WORKERS = num_workers
+    return cfg
+
+
+def load_cityscapes_split(images: Path, gt_dir: Path) -> list[dict]:
+    """detectron2's Cityscapes instance loader, with the internal import path aliased first:
+    the loader imports it too, in the parent and in the worker processes its pool forks (which
+    inherit the alias from ``sys.modules``)."""
+    alias_cityscapes_scripts()
+    return load_cityscapes_instances(str(images), str(gt_dir), from_json=True, to_polygons=True)
+
+
+def _register_split(name: str, fmt: str, annotations: Path, images: Path) -> None:
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    if fmt == "coco":
+        register_coco_instances(name, {}, str(annotations), str(images))
+    elif fmt == "lvis":
+        register_lvis_instances(name, get_lvis_instances_meta("lvis_v1"), str(annotations), str(images))
+    elif fmt == "voc":
+        # annotations = <root>/VOC<year>/ImageSets/Main/<split>.txt
+        voc_dir = annotations.parents[2]
+        register_pascal_voc(name, str(voc_dir), annotations.stem, int(voc_dir.name[-4:]))
+    else:  # cityscapes: annotations = gtFine/<split>, images = leftImg8bit/<split>
+        # absolute: the evaluation runs inside its workdir (see evaluate)
+        images, annotations = images.absolute(), annotations.absolute()
+        DatasetCatalog.register(name, lambda: load_cityscapes_split(images, annotations))
+        MetadataCatalog.get(name).set(
+            thing_classes=list(CITYSCAPES_THING_CLASSES),
+            image_dir=str(images),
+            gt_dir=str(annotations),
+            evaluator_type="cityscapes_instance",
+        )
+
+
+def register_datasets(benchmark: BenchmarkSettings, workdir: Path) -> None:
+    """Register the benchmark's train splits (the first one subsampled to ``train_fraction``)
+    and its evaluation split under ``dataset_names(benchmark)``."""
+    data = benchmark.dataset
+    train_names, (val_name,) = dataset_names(benchmark)
+    splits = list(data.train_splits())
+    if benchmark.train_fraction < 1.0:
+        first, images = splits[0]
+        splits[0] = (training_annotations(first, benchmark.train_fraction, benchmark.subset_seed, workdir), images)
+    for name, (split_json, images) in zip(train_names, splits):
+        _register_split(name, data.format, split_json, images)
+    _register_split(val_name, data.format, data.path("val_json"), data.path("val_images"))
+
+
+def build_evaluator(benchmark: BenchmarkSettings, dataset_name: str, output_dir: Path) -> DatasetEvaluator:
+    fmt = benchmark.dataset.format
+    if fmt == "voc":
+        return PascalVOCDetectionEvaluator(dataset_name)
+    if fmt == "cityscapes":
+        alias_cityscapes_scripts()
+        return CityscapesInstanceEvaluator(dataset_name)
+    tasks = ("bbox", "segm") if benchmark.with_masks else ("bbox",)
+    if fmt == "lvis":
+        return LVISEvaluator(dataset_name, tasks=tasks, output_dir=str(output_dir))
+    return COCOEvaluator(dataset_name, tasks=tasks, output_dir=str(output_dir))
+
+
+class BenchmarkTrainer(DefaultTrainer):
+    """detectron2's trainer without its end-of-training evaluation (the evaluate rule's job)."""
+
+    def build_hooks(self) -> list:
+        return [hook for hook in super().build_hooks() if not isinstance(hook, hooks.EvalHook)]
+
+
+def _check_identity(workdir: Path, identity: dict[str, Any]) -> None:
+    """Refuse to resume checkpoints trained for another (benchmark, seed, weights)."""
+    path = workdir / IDENTITY_FILE
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != identity:
+            raise ValueError(f"{workdir}: holds checkpoints of {found}, not {identity}; use another workdir or delete it")
+    else:
+        write_json_atomic(path, identity)
+
+
+def _train_worker(benchmark_dict: dict, weights: str, seed: int, out: str, workdir: str, device: str, num_workers: int) -> None:
+    benchmark = BenchmarkSettings.from_dict(benchmark_dict)
+    setup_logger(workdir, distributed_rank=comm.get_rank(), name="detectron2")
+    seed_all_rng(seed + comm.get_rank())
+    register_datasets(benchmark, Path(workdir))
+    cfg = build_cfg(benchmark, num_classes_of(benchmark), seed, workdir, weights, device, num_workers)
+    trainer = BenchmarkTrainer(cfg)
+    trainer.resume_or_load(resume=True)
+    trainer.train()
+    if comm.is_main_process():
+        model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+        method = "random"
+        if weights:
+            with open(weights, "rb") as handle:
+                method = pickle.load(handle).get("method", "unknown")
+        with atomic_path(Path(out)) as tmp:
+            torch.save(
+                {
+                    "format": DETECTRON2_DETECTOR_FORMAT,
+                    "benchmark": benchmark.name,
+                    "seed": seed,
+                    "weights": weights or "none",
+                    "method": method,
+                    "model": model.state_dict(),
+                    "config": cfg.dump(),
+                },
+                tmp,
+            )
+
+
+def finetune(
+    benchmark: BenchmarkSettings,
+    weights: Path | None,
+    seed: int,
+    out: Path,
+    workdir: Path,
+    *,
+    num_gpus: int = 0,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: str = "auto",
+    num_workers: int = 2,
+) -> None:
+    """Train from the converted ``.pkl`` ``weights`` (None: random init) and write ``out``.
+
+    ``num_gpus`` per machine (0: one CPU process); with ``num_machines`` > 1 every machine runs
+    this with its ``machine_rank`` and a shared ``dist_url`` (tcp://<first host>:<port>).
+    Resumes from ``workdir``'s last detectron2 checkpoint.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    weights_str = str(weights) if weights is not None else ""
+    _check_identity(workdir, {"benchmark": benchmark.name, "seed": seed, "weights": weights_str or "none"})
+    device = "cuda" if num_gpus > 0 else "cpu"
+    launch(
+        _train_worker,
+        num_gpus_per_machine=max(num_gpus, 1),
+        num_machines=num_machines,
+        machine_rank=machine_rank,
+        dist_url=dist_url,
+        args=(benchmark.to_dict(), weights_str, seed, str(out), str(workdir), device, num_workers),
+    )
+
+
+def summary_metrics(results: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """The evaluators' ``{task: {metric: value}}`` without per-class entries; NaN -> None."""
+    return {
+        task: {name: (None if value != value else float(value)) for name, value in values.items() if name in SUMMARY_METRICS}
+        for task, values in results.items()
+    }
+
+
+def evaluate(
+    benchmark: BenchmarkSettings,
+    model_path: Path,
+    out: Path,
+    *,
+    run: str | None = None,
+    method: str | None = None,
+    device: str = "cpu",
+    num_workers: int = 2,
+) -> dict:
+    """Score a detector finetuned by ``finetune`` on the benchmark's evaluation split and write
+    the record (``regioncl.transfer.evaluate.evaluate``'s fields)."""
+    saved = torch.load(model_path, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or saved.get("format") != DETECTRON2_DETECTOR_FORMAT:
+        raise ValueError(f"{model_path}: expected format {DETECTRON2_DETECTOR_FORMAT!r}")
+    if saved["benchmark"] != benchmark.name:
+        raise ValueError(f"{model_path}: finetuned on benchmark {saved['benchmark']!r}, evaluating {benchmark.name!r}")
+    workdir = Path(out).parent / f"{Path(out).stem}_detectron2"
+    setup_logger(str(workdir), name="detectron2")
+    logging.getLogger("detectron2").info("evaluating %s on %s", model_path, benchmark.name)
+    register_datasets(benchmark, workdir)
+    cfg = build_cfg(benchmark, num_classes_of(benchmark), saved["seed"], str(workdir), "", device, num_workers)
+    model = BenchmarkTrainer.build_model(cfg)
+    model.load_state_dict(saved["model"])
+    model.eval()
+    (val_name,) = dataset_names(benchmark)[1]
+    evaluator = build_evaluator(benchmark, val_name, workdir)
+    # cityscapesscripts writes "matches.json" into the current directory: keep it in workdir
+    scratch = contextlib.chdir(workdir) if benchmark.dataset.format == "cityscapes" else contextlib.nullcontext()
+    with scratch:
+        results = inference_on_dataset(model, build_detection_test_loader(cfg, val_name), evaluator)
+    record = {
+        "benchmark": benchmark.name,
+        "run": run,
+        "method": method or saved["method"],
+        "model": str(model_path),
+        "seed": saved["seed"],
+        "weights": saved["weights"],
+        "metrics": summary_metrics(results),
+        "versions": {
+            "torch": torch.__version__,
+            "detectron2": detectron2.__version__,
+            "pycocotools": importlib.metadata.version("pycocotools"),
+            "regioncl": regioncl.__version__,
+        },
+    }
+    write_json_atomic(out, record)
+    return record
