@@ -94,7 +94,10 @@ def cancelled_then_resumed(tmp_path_factory):
     job_logs = lambda: sorted((workdir / f".snakemake/slurm_logs/rule_pretrain/{RUN}").glob("*.log"))  # noqa: E731
     _wait_for(checkpoints, "pretraining checkpoint", 600, thread)
     job_id = _wait_for(job_logs, "pretrain job log", 60, thread).stem
-    finished = sorted((workdir / "results").glob("shards/embedded/*.tar")) + sorted((workdir / "results").glob("proposals/embedded/*"))
+    # The chunk outputs (not proposal stats, which may still be pending when pretraining starts).
+    finished = sorted((workdir / "results").glob("shards/embedded/*.tar")) + sorted(
+        (workdir / "results").glob("proposals/embedded/[0-9]*")
+    )
     before = _mtimes(finished)
     subprocess.run(["scancel", job_id], check=True)
     thread.join(timeout=600)
@@ -112,14 +115,16 @@ def cancelled_then_resumed(tmp_path_factory):
 
 
 # Each process joins the process group the way pretraining does and all-reduces rank + 1.
+# Each rank writes its line in one write() (atomic on a pipe): print() writes the text and the
+# newline separately, so two ranks sharing stdout could interleave them.
 ALL_REDUCE = """
-import torch, torch.distributed as dist
+import os, torch, torch.distributed as dist
 from regioncl.engine.dist import read_dist_env, init_distributed
 env = read_dist_env()
 init_distributed(env, "cpu")
 total = torch.tensor([env.rank + 1.0])
 dist.all_reduce(total)
-print(f"{env.launcher} rank {env.rank} of {env.world_size}: sum {total.item():.0f}")
+os.write(1, f"{env.launcher} rank {env.rank} of {env.world_size}: sum {total.item():.0f}\\n".encode())
 """
 
 
