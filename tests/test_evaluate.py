@@ -187,3 +187,19 @@ def test_cityscapes_alias_names_the_missing_package(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "cityscapesscripts", None)  # None: "not importable"
     with pytest.raises(ModuleNotFoundError, match="pip install cityscapesscripts"):
         alias_cityscapes_scripts()
+
+
+def test_detector_file_of_another_benchmark_or_format_is_refused_by_name(tmp_path: Path) -> None:
+    import torch
+
+    from regioncl.transfer.benchmarks import BenchmarkSettings, load_finetuned_detector
+
+    benchmark = BenchmarkSettings.from_dict({"name": "voc", "dataset": {"root": str(tmp_path)}})
+    path = tmp_path / "model.pt"
+    torch.save({"format": "regioncl.detector/1", "benchmark": "coco"}, path)
+    with pytest.raises(ValueError, match=r"model\.pt: finetuned on benchmark 'coco', evaluating 'voc'"):
+        load_finetuned_detector(path, "regioncl.detector/1", benchmark)
+    with pytest.raises(ValueError, match=r"model\.pt: expected format 'regioncl.detector_d2/1'"):
+        load_finetuned_detector(path, "regioncl.detector_d2/1", benchmark)
+    torch.save({"format": "regioncl.detector/1", "benchmark": "voc"}, path)
+    assert load_finetuned_detector(path, "regioncl.detector/1", benchmark)["benchmark"] == "voc"

@@ -358,3 +358,18 @@ def resolve_benchmark(name: str, entry: dict[str, Any], dataset: DatasetSpec) ->
     paths = {"root": str(dataset.root), **SPLIT_PATHS[dataset.layout]}
     data = {**entry, "name": name, "dataset_name": dataset.name, "dataset": paths}
     return BenchmarkSettings.from_dict(data, f"benchmarks.{name}").to_dict()
+
+
+def load_finetuned_detector(model_path: Path, detector_format: str, benchmark: BenchmarkSettings) -> dict:
+    """A finetuned detector file of either backend, checked to be ``detector_format`` and to
+    have been finetuned on ``benchmark`` (evaluating it on another would score the wrong task)."""
+    import torch
+
+    saved = torch.load(model_path, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or saved.get("format") != detector_format:
+        raise ValueError(f"{model_path}: expected format {detector_format!r}")
+    if saved["benchmark"] != benchmark.name:
+        raise ValueError(
+            f"{model_path}: finetuned on benchmark {saved['benchmark']!r}, evaluating {benchmark.name!r}"
+        )
+    return saved

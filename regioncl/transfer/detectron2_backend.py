@@ -53,7 +53,7 @@ from detectron2.utils.logger import setup_logger
 
 import regioncl
 from regioncl.io import atomic_path, write_json_atomic
-from regioncl.transfer.benchmarks import BenchmarkSettings
+from regioncl.transfer.benchmarks import BenchmarkSettings, load_finetuned_detector
 from regioncl.transfer.cityscapes_compat import alias_cityscapes_scripts
 from regioncl.transfer.detectron2_config import (
     FORMAT_NUM_CLASSES,
@@ -275,11 +275,7 @@ def evaluate(
 ) -> dict:
     """Score a detector finetuned by ``finetune`` on the benchmark's evaluation split and write
     the record (``regioncl.transfer.evaluate.evaluate``'s fields)."""
-    saved = torch.load(model_path, map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or saved.get("format") != DETECTRON2_DETECTOR_FORMAT:
-        raise ValueError(f"{model_path}: expected format {DETECTRON2_DETECTOR_FORMAT!r}")
-    if saved["benchmark"] != benchmark.name:
-        raise ValueError(f"{model_path}: finetuned on benchmark {saved['benchmark']!r}, evaluating {benchmark.name!r}")
+    saved = load_finetuned_detector(model_path, DETECTRON2_DETECTOR_FORMAT, benchmark)
     workdir = Path(out).parent / f"{Path(out).stem}_detectron2"
     setup_logger(str(workdir), name="detectron2")
     logging.getLogger("detectron2").info("evaluating %s on %s", model_path, benchmark.name)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import regioncl
 from regioncl.io import write_json_atomic
-from regioncl.transfer.benchmarks import BenchmarkSettings
+from regioncl.transfer.benchmarks import BenchmarkSettings, load_finetuned_detector
 from regioncl.transfer.coco_data import CocoDetection, load_coco
 from regioncl.transfer.torchvision_backend import DETECTOR_FORMAT, build_detector
 
@@ -98,14 +98,7 @@ def predict(model: torch.nn.Module, data: CocoDetection, batch_size: int) -> lis
 
 
 def load_detector(benchmark: BenchmarkSettings, model_path: Path) -> tuple[torch.nn.Module, dict]:
-    saved = torch.load(model_path, map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or saved.get("format") != DETECTOR_FORMAT:
-        raise ValueError(f"{model_path}: expected format {DETECTOR_FORMAT!r}")
-    if saved["benchmark"] != benchmark.name:
-        raise ValueError(
-            f"{model_path}: finetuned on benchmark {saved['benchmark']!r}, "
-            f"evaluating {benchmark.name!r}"
-        )
+    saved = load_finetuned_detector(model_path, DETECTOR_FORMAT, benchmark)
     model = build_detector(benchmark, num_classes=len(saved["category_ids"]))
     model.load_state_dict(saved["state_dict"])
     return model, saved
