@@ -38,7 +38,9 @@ def demo_data():
     return table, paper_table_data(table, load_metric_values(METRICS), reference, "test")
 
 
-@pytest.mark.parametrize("name", ["demo.md", "demo.csv", "demo.tex", "plain.md", "plain.csv", "plain.tex"])
+@pytest.mark.parametrize(
+    "name", ["demo.md", "demo.csv", "demo.tex", "plain.md", "plain.csv", "plain.tex", "versus.md", "versus.csv", "versus.tex"]
+)
 def test_rendered_tables_match_golden_files(written, name):
     out, _ = written
     assert (out / "tables" / name).read_text() == (FIXTURES / f"expected_{name}").read_text()
@@ -46,7 +48,7 @@ def test_rendered_tables_match_golden_files(written, name):
 
 def test_written_files_are_exactly_the_declared_outputs(written):
     out, paths = written
-    declared = table_outputs(["demo", "plain"], str(out / "tables"), str(out / "plots"))
+    declared = table_outputs(["demo", "plain", "versus"], str(out / "tables"), str(out / "plots"))
     assert sorted(map(str, paths)) == sorted(declared)
     assert all(Path(path).is_file() for path in declared)
 
@@ -160,3 +162,22 @@ def test_project_tables_configs_resolve_against_the_project_references(name):
         assert len(data) == len(table.rows) * sum(len(group.metrics) for group in table.columns)
         if reference is not None:
             assert data["paper"].notna().any(), table_id
+
+
+def test_baseline_difference_is_each_rows_mean_minus_the_baselines(tmp_path):
+    table = load_tables_config(TABLES)["versus"]
+    data = paper_table_data(table, load_metric_values(METRICS), None, "test").set_index(["method", "metric"])
+    # random: (10 + 12) / 2 = 11 box AP; moco_v2: (15.25 + 16.75) / 2 = 16
+    assert data.at[("moco_v2", "bbox.AP"), "vs_baseline"] == pytest.approx(16.0 - 11.0)
+    assert pd.isna(data.at[("random", "bbox.AP"), "vs_baseline"])  # the baseline itself
+    assert pd.isna(data.at[("soco", "bbox.AP"), "vs_baseline"])  # no result yet
+
+
+def test_baseline_that_is_no_rows_method_is_an_error_naming_it(tmp_path):
+    config = tmp_path / "tables.yaml"
+    config.write_text(
+        "tables:\n  t:\n    caption: c\n    baseline: supervised\n"
+        "    columns: [{benchmark: b, metrics: [bbox.AP]}]\n    rows: [{method: random}]\n"
+    )
+    with pytest.raises(ValueError, match="baseline: 'supervised' is not the method of any row"):
+        load_tables_config(config)

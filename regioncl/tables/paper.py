@@ -24,7 +24,9 @@ from regioncl.tables.reference import ReferenceTable, load_references
 from regioncl.tables.render import to_csv, to_html, to_latex, to_markdown
 
 BASELINE_METHODS = ("random",)  # no pretraining: the run is named after the method alone
-TIDY_COLUMNS = ["row", "method", "epochs", "run", "benchmark", "metric", "seeds", "mean", "std", "paper", "delta"]
+TIDY_COLUMNS = [
+    "row", "method", "epochs", "run", "benchmark", "metric", "seeds", "mean", "std", "paper", "delta", "vs_baseline",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,15 @@ class PaperTable(Settings):
     rows: tuple[TableRow, ...]
     arch: str = "r50"  # short arch name in run names
     reference: str | None = None  # `<paper>.<table>` in config/reference
+    # A row's method (e.g. `random`) that every other row is compared with: each cell then
+    # also shows `(mean - the baseline's mean)`, the question a benchmark without a paper asks.
+    baseline: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.baseline is not None and self.baseline not in [row.method for row in self.rows]:
+            raise ValueError(
+                f"baseline: {self.baseline!r} is not the method of any row ({[row.method for row in self.rows]})"
+            )
 
     def run_of(self, row: TableRow) -> str:
         if row.run is not None:
@@ -96,7 +107,9 @@ def paper_table_data(
 
     `values`: `load_metric_values`' long frame. `mean`/`std` are over seeds (sample std, NaN
     for one seed); `seeds` counts them (0: no result yet, mean NaN). `paper` is the reference
-    number (NaN: not printed), `delta` = mean - paper.
+    number (NaN: not printed), `delta` = mean - paper. `vs_baseline` = mean - the mean of the
+    table's baseline row for the same metric (NaN without a baseline, on the baseline's own
+    row, or while either has no result).
     """
     if reference is None and any(row.reference for row in table.rows):
         raise ValueError(f"{where}: rows name reference rows but the table names no `reference`")
@@ -126,9 +139,20 @@ def paper_table_data(
                         "delta": mean - paper if paper is not None else float("nan"),
                     }
                 )
-    data = pd.DataFrame(lines, columns=TIDY_COLUMNS)
+    data = pd.DataFrame(lines, columns=[c for c in TIDY_COLUMNS if c != "vs_baseline"])
+    data["vs_baseline"] = _versus_baseline(data, table.baseline)
     data["epochs"] = data["epochs"].astype("Int64")
     return data
+
+
+def _versus_baseline(data: pd.DataFrame, baseline: str | None) -> pd.Series:
+    if baseline is None:
+        return pd.Series(float("nan"), index=data.index)
+    # The first row of the baseline method is the reference point (a table lists it once).
+    base = data[data["method"] == baseline].drop_duplicates(["benchmark", "metric"]).set_index(["benchmark", "metric"])
+    base_mean = [base.at[(b, m), "mean"] for b, m in zip(data["benchmark"], data["metric"], strict=True)]
+    versus = data["mean"] - pd.Series(base_mean, index=data.index)
+    return versus.where(data["method"] != baseline)
 
 
 def write_paper_tables(

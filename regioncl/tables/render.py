@@ -1,8 +1,9 @@
 """A paper table's tidy frame (`paper.paper_table_data`) as Markdown, LaTeX (booktabs), CSV, HTML.
 
 Shown tables keep the paper's columns and give each of our rows three lines: `ours`
-(mean ± std over seeds), `paper` (the printed number) and `Δ` (ours - paper). A cell with no
-result yet, or a number the paper does not print, is shown as `—`, never dropped.
+(mean ± std over seeds), `paper` (the printed number) and `Δ` (ours - paper). A table with a
+`baseline` adds the difference to the baseline row to each of our cells: `16.0 ± 1.1 (+5.0)`.
+A cell with no result yet, or a number the paper does not print, is shown as `—`, never dropped.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ def shown_rows(table: PaperTable, data: pd.DataFrame) -> list[tuple[str, ...]]:
         row_label = cells["row"].iloc[0]
         epochs = _epochs(cells["epochs"].iloc[0])
         ours = [format_mean_std(m, s, n) for m, s, n in zip(cells["mean"], cells["std"], cells["seeds"], strict=True)]
+        ours = [
+            cell if pd.isna(versus) else f"{cell} ({_number(versus, signed=True)})"
+            for cell, versus in zip(ours, cells["vs_baseline"], strict=True)
+        ]
         if not table.reference:
             rows.append((row_label, epochs, *ours))
             continue
