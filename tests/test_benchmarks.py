@@ -227,7 +227,7 @@ def test_unknown_protocol_lists_the_registered_ones():
     [
         ({"fpn_norm": "syncbn"}, "fpn_norm"),
         ({"box_head": "4conv1fc"}, "box_head"),
-        ({"model": "retinanet"}, "model"),
+        ({"model": "retinanet", "fpn_norm": "bn"}, "fpn_norm"),
         ({"fpn": False, "arch": "resnet50"}, "fpn"),
         ({"precise_bn": True}, "precise_bn"),
         ({"input": {"min_size_test": 600}}, "input.min_size_test"),
@@ -318,3 +318,13 @@ def test_registered_seeds_follow_the_protocol():
     spec = DatasetSpec(name="voc", layout="voc", root=Path("/voc"))
     assert registered_seeds(resolve_benchmark("v", {"protocol": "voc0712_frcnn_r50c4_24k"}, spec)) == (0, 1, 2, 3, 4)
     assert registered_seeds({"name": "plain", "protocol": ""}) is None
+
+
+def test_default_device_stays_out_of_the_resolved_settings():
+    """`device` says where a protocol runs, not what it is: while it is the default, the
+    resolved settings (the workflow's job parameters) are those of earlier versions."""
+    base = {"name": "b", "dataset": {"root": "/d"}, "arch": "resnet18"}
+    assert "device" not in BenchmarkSettings.from_dict(base).to_dict()
+    chosen = BenchmarkSettings.from_dict({**base, "device": "cpu"}).to_dict()
+    assert chosen["device"] == "cpu"
+    assert BenchmarkSettings.from_dict(chosen).device == "cpu"

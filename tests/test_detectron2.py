@@ -1,40 +1,82 @@
 """The detectron2 backend with detectron2 itself: converted weights load into its R50-C4 and
-R50-FPN detectors, and 2-iteration finetunes + evaluations run on the CPU (skipped without it)."""
+R50-FPN detectors, 2-iteration finetunes + evaluations of the C4, FPN and RetinaNet families run
+on the CPU on the embedded labeled set, and a killed finetune resumes from its last checkpoint
+(skipped without detectron2). VOC, LVIS and Cityscapes: tests/test_detectron2_datasets.py."""
 
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 from pathlib import Path
 
+import numpy
 import pytest
+import skimage.data
+import skimage.transform
 import torch
 import torchvision
 
 pytest.importorskip("detectron2")
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
 
-from regioncl.convert import convert_checkpoint  # noqa: E402
-from regioncl.transfer import detectron2_backend  # noqa: E402
-from regioncl.transfer.benchmarks import BenchmarkSettings  # noqa: E402
-from regioncl.transfer.detectron2_config import dataset_names, detectron2_options  # noqa: E402
+from regioncl.convert import convert_checkpoint
+from regioncl.data.embedded import EmbeddedSettings, generate_embedded
+from regioncl.data.layouts import DatasetSpec
+from regioncl.transfer import detectron2_backend
+from regioncl.transfer.benchmarks import BenchmarkSettings, resolve_benchmark
+from regioncl.transfer.detectron2_config import dataset_names, detectron2_options
 
 FIXTURE_COCO = Path(__file__).parent / "fixtures" / "datasets" / "coco"
+# Smallest settings that still run every part of a detector on the CPU: few RoIs (the C4 head
+# runs res5 on every sampled RoI, 512 per image by default), 128 px input, 2 iterations (the
+# first one warm-up), and a score threshold under the untrained heads' scores (RetinaNet's
+# prior is 0.01, an R-CNN's is about 1 / (classes + 1)) so that evaluation scores detections.
+CPU_HEADS = {"fpn_channels": 32, "box_head_dim": 64, "mask_head_channels": 16, "roi_batch_size_per_image": 32,
+             "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
+             "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50}
+CPU_INPUT = {"min_size": [128], "max_size": 160, "min_size_test": 128, "max_size_test": 160}
+CPU_SOLVER = {"batch_size": 2, "iterations": 2, "warmup_iters": 1, "lr": 0.001, "lr_steps": [1], "checkpoint_every": 1000}
+CPU_EVAL = {"score_threshold": 0.001, "detections_per_image": 20}
+CPU_SETTINGS = {"heads": CPU_HEADS, "input": CPU_INPUT, "solver": CPU_SOLVER, "eval": CPU_EVAL}
+
+
+def photos() -> torch.Tensor:
+    """(3, 3, 128, 128) photos from the scikit-image wheel, ImageNet-normalised RGB."""
+    images = [skimage.transform.resize(load(), (128, 128)) for load in (skimage.data.astronaut, skimage.data.coffee, skimage.data.chelsea)]
+    batch = torch.tensor(numpy.stack(images), dtype=torch.float32).permute(0, 3, 1, 2)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    return (batch - mean[:, None, None]) / std[:, None, None]
 
 
 def write_pretrained(path: Path, transfer: dict | None = None) -> Path:
+    """A pretrained checkpoint of a randomly initialised ResNet-50 whose BN statistics are those
+    of its activations on photos, as a trained network's are: with the init's mean 0 / variance
+    1 an eval-mode detector's features grow block after block and one SGD step saturates its
+    classifier (every RoI background, nothing to score)."""
     torch.manual_seed(0)
-    resnet = torchvision.models.resnet50(weights=None).state_dict()
-    backbone = {k: v for k, v in resnet.items() if not k.startswith("fc.")}
+    resnet = torchvision.models.resnet50(weights=None)
+    for module in resnet.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average: the statistics of this one batch
+    with torch.no_grad():
+        resnet(photos())
+    backbone = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
     torch.save(
         {"format": "regioncl.pretrained/1", "method": "soco", "arch": "resnet50", "steps": 1, "epochs": 1,
          "backbone": backbone, "transfer": transfer or {}, "config": {}},
         path,
     )
     return path
+
+
+def converted_weights(directory: Path) -> Path:
+    """A pretrained checkpoint converted by ``regioncl.convert``: its detectron2 ``.pkl``."""
+    convert_checkpoint(write_pretrained(directory / "ckpt.pt"), directory / "w.tv.pth", directory / "w.d2.pkl")
+    return directory / "w.d2.pkl"
 
 
 def benchmark(name: str, **overrides) -> BenchmarkSettings:
@@ -47,16 +89,53 @@ def benchmark(name: str, **overrides) -> BenchmarkSettings:
                     "val_images": "val2017"},
         "arch": "resnet50",
         "norm": "bn",
-        # few RoIs: the C4 head runs res5 on every sampled RoI (512 per image by default)
-        "heads": {"fpn_channels": 32, "box_head_dim": 64, "mask_head_channels": 16, "roi_batch_size_per_image": 32,
-                  "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
-                  "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50},
-        "input": {"min_size": [128], "max_size": 160},
-        "solver": {"batch_size": 2, "iterations": 2, "warmup_iters": 1, "lr": 0.001, "lr_steps": [1],
-                   "checkpoint_every": 1000},
+        **CPU_SETTINGS,
         **overrides,
     }
     return BenchmarkSettings.from_dict(data)
+
+
+def assert_scored(record: dict, expected: dict[str, set[str]]) -> None:
+    """The record holds the evaluator's metrics of each task, those finite, the rest finite or
+    None (undefined for lack of ground truth in that group)."""
+    assert set(record["metrics"]) == set(expected)
+    for task, names in expected.items():
+        values = record["metrics"][task]
+        assert names <= set(values), (task, sorted(values))
+        assert all(math.isfinite(values[name]) for name in names), (task, values)
+        assert all(value is None or math.isfinite(value) for value in values.values()), (task, values)
+
+
+def loaded_stem(model_state: dict[str, torch.Tensor], pkl: Path) -> dict[str, bool]:
+    """For each stem tensor of the converted ``.pkl``: does the detector hold it unchanged?"""
+    with open(pkl, "rb") as handle:
+        converted = pickle.load(handle)["model"]
+    stem = {k: v for k, v in converted.items() if k.startswith("stem.")}
+    found = {k: next(v for name, v in model_state.items() if name.endswith(f".{k}")) for k in stem}
+    return {k: torch.equal(found[k], torch.from_numpy(v)) for k, v in stem.items()}
+
+
+@pytest.fixture(scope="module")
+def embedded_root(tmp_path_factory) -> Path:
+    """The embedded labeled set, tiny: 4 train and 2 val images of at most 128 px, 4 classes."""
+    root = tmp_path_factory.mktemp("embedded")
+    generate_embedded(root, EmbeddedSettings(seed=0, n_unlabeled=0, n_train=4, n_val=2, image_size=128))
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return converted_weights(tmp_path_factory.mktemp("weights"))
+
+
+def embedded_benchmark(name: str, root: Path, **overrides) -> BenchmarkSettings:
+    """A CPU benchmark on the embedded dataset, resolved as the workflow resolves a config entry
+    (split paths from the ``embedded`` layout). The stem is frozen (``trainable_layers: 4``,
+    ``frozen_bn``) so that a finetuned detector still holds the converted stem bit for bit."""
+    entry = {"backend": "detectron2", "arch": "resnet50", "norm": "frozen_bn", "trainable_layers": 4,
+             **CPU_SETTINGS, **overrides}
+    spec = DatasetSpec(name="embedded", layout="embedded", root=root)
+    return BenchmarkSettings.from_dict(resolve_benchmark(name, entry, spec))
 
 
 def resnet_keys(model: torch.nn.Module) -> set[str]:
@@ -76,12 +155,10 @@ def incompatible_keys(model: torch.nn.Module, pkl: Path):
     ("name", "overrides"),
     [("c4", {"fpn": False, "model": "faster_rcnn"}), ("fpn", {"model": "mask_rcnn"}), ("retina", {"model": "retinanet"})],
 )
-def test_converted_pkl_fills_every_backbone_weight(tmp_path, name, overrides):
-    ckpt = write_pretrained(tmp_path / "ckpt.pt")
-    convert_checkpoint(ckpt, tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
+def test_converted_pkl_fills_every_backbone_weight(weights, name, overrides):
     cfg = detectron2_backend.build_cfg(benchmark(name, **overrides), num_classes=1)
     model = build_model(cfg)
-    keys = incompatible_keys(model, tmp_path / "w.d2.pkl")
+    keys = incompatible_keys(model, weights)
     resnet = resnet_keys(model)
     assert len(resnet) == 265  # R50: 53 convs + 53 norms x 4 tensors; C4 holds res5 in its head
     assert sorted(set(keys.missing_keys) & resnet) == []
@@ -124,26 +201,69 @@ def test_soco_fpn_and_box_head_fill_the_detector(tmp_path):
 @pytest.mark.parametrize(
     ("name", "overrides", "tasks"),
     [
-        ("c4", {"fpn": False, "model": "mask_rcnn"}, {"bbox", "segm"}),
-        ("fpn", {"model": "faster_rcnn"}, {"bbox"}),
+        ("c4", {"fpn": False, "model": "mask_rcnn", "res5_extra_norm": True}, {"bbox", "segm"}),
+        ("fpn", {"model": "mask_rcnn"}, {"bbox", "segm"}),
         ("retina", {"model": "retinanet"}, {"bbox"}),
     ],
 )
-def test_two_iteration_finetune_and_evaluation_on_the_cpu(tmp_path, name, overrides, tasks):
-    ckpt = write_pretrained(tmp_path / "ckpt.pt")
-    convert_checkpoint(ckpt, tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
-    bench = benchmark(name, **overrides)
+def test_two_iteration_finetune_and_evaluation_on_the_embedded_set(tmp_path, embedded_root, weights, name, overrides, tasks):
+    bench = embedded_benchmark(name, embedded_root, **overrides)
     model_path = tmp_path / "model.pt"
-    detectron2_backend.finetune(bench, tmp_path / "w.d2.pkl", 0, model_path, tmp_path / "work", num_workers=0)
+    detectron2_backend.finetune(bench, weights, 0, model_path, tmp_path / "work", num_workers=0)
     record = detectron2_backend.evaluate(bench, model_path, tmp_path / "metrics.json", run="r", num_workers=0)
-    assert set(record["metrics"]) == tasks
-    assert record["method"] == "soco" and record["seed"] == 0 and "detectron2" in record["versions"]
+
     assert json.loads((tmp_path / "metrics.json").read_text()) == record
-    # resuming a finished run trains nothing more and leaves the same weights
+    assert (record["benchmark"], record["seed"], record["weights"], record["method"]) == (name, 0, str(weights), "soco")
+    assert {"torch", "detectron2", "pycocotools", "regioncl"} <= set(record["versions"])
+    assert_scored(record, {task: {"AP", "AP50", "AP75"} for task in tasks})
+    # the frozen stem still holds the converted tensors: the detector trained from them
+    stem = loaded_stem(torch.load(model_path, weights_only=True)["model"], weights)
+    assert len(stem) == 5 and all(stem.values()), stem
+
+
+def test_mask_format_follows_the_training_masks(embedded_root):
+    """The embedded set's masks are RLE, which detectron2's polygon format cannot carry; the
+    COCO fixture's are polygons (the papers' configs)."""
+    assert detectron2_backend.mask_format_of(embedded_benchmark("fpn", embedded_root, model="mask_rcnn")) == "bitmask"
+    assert detectron2_backend.mask_format_of(embedded_benchmark("fpn", embedded_root, model="faster_rcnn")) == "polygon"
+    assert detectron2_backend.mask_format_of(benchmark("coco", model="mask_rcnn")) == "polygon"
+
+
+class Killed(RuntimeError):
+    """Stands for the job being killed mid-run."""
+
+
+def test_killed_finetune_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, embedded_root, weights):
+    bench = embedded_benchmark("fpn", embedded_root, model="faster_rcnn",
+                               solver={**CPU_SOLVER, "iterations": 3, "checkpoint_every": 1})
+    work, model_path = tmp_path / "work", tmp_path / "model.pt"
+    log = work / "log.txt"
+    finetune = detectron2_backend.finetune
+    run_step = detectron2_backend.BenchmarkTrainer.run_step
+
+    def run_step_until_killed(trainer):
+        if trainer.iter == 2:
+            raise Killed("killed at iteration 2")
+        run_step(trainer)
+
+    monkeypatch.setattr(detectron2_backend.BenchmarkTrainer, "run_step", run_step_until_killed)
+    with pytest.raises(Killed):
+        finetune(bench, weights, 0, model_path, work, num_workers=0)
+    assert not model_path.exists()
+    assert (work / "last_checkpoint").read_text() == "model_0000001.pth"
+    monkeypatch.undo()
+
+    finetune(bench, weights, 0, model_path, work, num_workers=0)
+    assert "Starting training from iteration 2" in log.read_text()
+    final = torch.load(work / "model_final.pth", weights_only=False)
+    assert final["iteration"] == 2  # 0-based: the third and last iteration ran in the second run
+
+    # a finished run resumes to nothing more and leaves the same weights
     before = torch.load(model_path, weights_only=True)["model"]
-    detectron2_backend.finetune(bench, tmp_path / "w.d2.pkl", 0, model_path, tmp_path / "work", num_workers=0)
+    finetune(bench, weights, 0, model_path, work, num_workers=0)
+    assert log.read_text().count("Starting training from iteration 3") == 1
     after = torch.load(model_path, weights_only=True)["model"]
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_options_merge_into_detectron2_defaults():
@@ -163,9 +283,8 @@ def test_workdir_of_another_run_is_refused(tmp_path):
         detectron2_backend.finetune(bench, None, 0, tmp_path / "m.pt", tmp_path / "work", num_workers=0)
 
 
-def test_pkl_records_method_for_the_metrics(tmp_path):
-    convert_checkpoint(write_pretrained(tmp_path / "c.pt"), tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
-    with open(tmp_path / "w.d2.pkl", "rb") as f:
+def test_pkl_records_method_for_the_metrics(weights):
+    with open(weights, "rb") as f:
         assert pickle.load(f)["method"] == "soco"
 
 

@@ -1,4 +1,5 @@
-"""Finetuning torchvision detectors: data, schedule, determinism, exact resume, evaluation."""
+"""Finetuning torchvision detectors: data, schedule, determinism, exact resume, evaluation,
+RetinaNet, and the device they run on."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ from regioncl.transfer.torchvision_backend import (
     batch_indices,
     build_detector,
     finetune,
+    load_pretrained_weights,
     lr_at,
+    select_device,
 )
 
 CATEGORIES = [{"id": 3, "name": "square"}, {"id": 7, "name": "disc"}]
@@ -93,9 +96,12 @@ def pretrained_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_benchmark(root: Path, **overrides) -> BenchmarkSettings:
+    """A slim benchmark on the CPU, where runs are bit-reproducible (CUDA kernels such as RoIAlign's
+    backward are not); the GPU tests override ``device``."""
     settings = {
         "name": "tiny",
         "dataset": {"root": str(root)},
+        "device": "cpu",
         "model": "faster_rcnn",
         "arch": "resnet18",
         "norm": "bn",
@@ -130,6 +136,23 @@ def test_benchmark_settings_reject_unknown_keys_by_name() -> None:
         BenchmarkSettings.from_dict({"name": "b", "dataset": {"root": "."}, "model": "yolo"})
     with pytest.raises(ValueError, match="needs norm 'frozen_bn'"):
         BenchmarkSettings.from_dict({"name": "b", "dataset": {"root": "."}, "trainable_layers": 3})
+    with pytest.raises(ValueError, match=r"device: 'gpu' is not one of \['auto', 'cpu', 'cuda'\]"):
+        BenchmarkSettings.from_dict({"name": "b", "dataset": {"root": "."}, "device": "gpu"})
+
+
+def test_device_is_the_torchvision_backends_setting() -> None:
+    with pytest.raises(ValueError, match=r"device: 'cuda' is the torchvision backend's.*num_gpus"):
+        BenchmarkSettings.from_dict({"name": "b", "dataset": {"root": "."}, "backend": "detectron2", "device": "cuda"})
+    assert BenchmarkSettings.from_dict({"name": "b", "dataset": {"root": "."}, "backend": "detectron2"}).device == "auto"
+
+
+def test_torchvision_builds_retinanet_but_names_what_it_cannot_honour() -> None:
+    retinanet = {"name": "b", "dataset": {"root": "."}, "backend": "torchvision", "model": "retinanet", "arch": "resnet18"}
+    assert BenchmarkSettings.from_dict(retinanet).iou_types == ("bbox",)
+    with pytest.raises(ValueError, match=r"head_norm: 'bn' needs backend 'detectron2'"):
+        BenchmarkSettings.from_dict({**retinanet, "head_norm": "bn"})
+    with pytest.raises(ValueError, match=r"fpn_norm: 'syncbn' needs backend 'detectron2'"):
+        BenchmarkSettings.from_dict({**retinanet, "fpn_norm": "syncbn"})
 
 
 def test_resolved_benchmark_round_trips_through_json() -> None:
@@ -201,20 +224,24 @@ def test_finetune_writes_the_detector(straight_run: Path, pretrained_weights: Pa
     assert saved["state_dict"]["roi_heads.box_predictor.cls_score.weight"].shape == (3, 32)
 
 
-def test_resumed_run_equals_the_uninterrupted_one(
-    straight_run: Path, tiny_coco: Path, pretrained_weights: Path, tmp_path: Path
-) -> None:
-    benchmark = tiny_benchmark(tiny_coco)
+def assert_resumed_run_equals(straight_run: Path, benchmark: BenchmarkSettings, weights: Path, tmp_path: Path) -> None:
+    """Stopping ``benchmark`` half-way and resuming it gives ``straight_run``'s exact weights."""
     workdir = tmp_path / "work"
-    finetune(with_iterations(benchmark, 2), pretrained_weights, 5, tmp_path / "half.pt", workdir)
+    finetune(with_iterations(benchmark, 2), weights, 5, tmp_path / "half.pt", workdir)
     assert torch.load(workdir / "checkpoint_last.pt", weights_only=True)["iteration"] == 2
-    finetune(benchmark, pretrained_weights, 5, tmp_path / "model.pt", workdir)
+    finetune(benchmark, weights, 5, tmp_path / "model.pt", workdir)
     resumed = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
     straight = torch.load(straight_run, weights_only=True)["state_dict"]
     half = torch.load(tmp_path / "half.pt", weights_only=True)["state_dict"]
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
     assert not torch.equal(half["backbone.body.conv1.weight"], straight["backbone.body.conv1.weight"])
+
+
+def test_resumed_run_equals_the_uninterrupted_one(
+    straight_run: Path, tiny_coco: Path, pretrained_weights: Path, tmp_path: Path
+) -> None:
+    assert_resumed_run_equals(straight_run, tiny_benchmark(tiny_coco), pretrained_weights, tmp_path)
 
 
 def test_resume_refuses_a_checkpoint_of_another_seed(
@@ -225,14 +252,16 @@ def test_resume_refuses_a_checkpoint_of_another_seed(
         finetune(tiny_benchmark(tiny_coco), pretrained_weights, 6, tmp_path / "m.pt", workdir)
 
 
+@pytest.mark.parametrize("model", ["faster_rcnn", "retinanet"])
 def test_weights_missing_a_backbone_key_are_refused_by_name(
-    tiny_coco: Path, pretrained_weights: Path, tmp_path: Path
+    tiny_coco: Path, pretrained_weights: Path, tmp_path: Path, model: str
 ) -> None:
     weights = torch.load(pretrained_weights, weights_only=True)
     del weights["state_dict"]["backbone.body.layer4.1.conv2.weight"]
     torch.save(weights, tmp_path / "broken.tv.pth")
+    benchmark = tiny_benchmark(tiny_coco, model=model)
     with pytest.raises(ValueError, match=r"missing backbone key backbone\.body\.layer4\.1\.conv2\.weight"):
-        finetune(tiny_benchmark(tiny_coco), tmp_path / "broken.tv.pth", 0, tmp_path / "m.pt", tmp_path / "w")
+        finetune(benchmark, tmp_path / "broken.tv.pth", 0, tmp_path / "m.pt", tmp_path / "w")
 
 
 def assert_metrics_in_range(metrics: dict) -> None:
@@ -256,6 +285,100 @@ def test_mask_rcnn_from_random_init_finetunes_and_evaluates_masks(tiny_coco: Pat
     record = evaluate(benchmark, tmp_path / "model.pt", tmp_path / "metrics.json")
     assert set(record["metrics"]) == {"bbox", "segm"}
     assert record["method"] == "random" and record["weights"] == "none"
+    for metrics in record["metrics"].values():
+        assert_metrics_in_range(metrics)
+
+
+@pytest.fixture(scope="module")
+def retinanet_run(tiny_coco: Path, pretrained_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("retinanet")
+    benchmark = tiny_benchmark(tiny_coco, model="retinanet")
+    finetune(benchmark, pretrained_weights, seed=5, out=out / "model.pt", workdir=out / "work")
+    return out / "model.pt"
+
+
+def test_retinanet_reads_p3_to_p7_from_c3_to_c5(tiny_coco: Path) -> None:
+    model = build_detector(tiny_benchmark(tiny_coco, model="retinanet"), num_classes=2)
+    features = model.backbone(torch.zeros(1, 3, 128, 128))
+    assert [tuple(f.shape) for f in features.values()] == [(1, 16, 128 // 2**level, 128 // 2**level) for level in range(3, 8)]
+    assert model.backbone.fpn.extra_blocks.p6.in_channels == 512  # P6 from C5 of a ResNet-18
+    assert model.head.classification_head.num_classes == 2  # no background class
+    assert model.transform.min_size == (80, 96) and model.score_thresh == 0.0
+
+
+def test_retinanet_loads_the_converted_backbone(tiny_coco: Path, pretrained_weights: Path) -> None:
+    model = build_detector(tiny_benchmark(tiny_coco, model="retinanet"), num_classes=2)
+    fields = load_pretrained_weights(model, pretrained_weights, "resnet18")
+    provided = torch.load(pretrained_weights, weights_only=True)["state_dict"]
+    loaded = model.state_dict()
+    assert fields["method"] == "moco_v2" and provided
+    assert all(torch.equal(loaded[k], v) for k, v in provided.items())
+
+
+def test_retinanet_takes_and_gives_labels_1_to_k(tiny_coco: Path) -> None:
+    torch.manual_seed(0)
+    model = build_detector(tiny_benchmark(tiny_coco, model="retinanet"), num_classes=2).train()
+    data = CocoDetection(tiny_coco / "annotations/instances_train.json", tiny_coco / "train", with_masks=False)
+    samples = [data[i] for i in range(len(data))]
+    assert 2 in torch.cat([t["labels"] for _, t in samples]).tolist()  # label K reaches the loss
+    losses = model([image for image, _ in samples[:2]], [target for _, target in samples[:2]])
+    assert set(losses) == {"classification", "bbox_regression"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        outputs = model.eval()([image for image, _ in samples[:2]])
+    labels = torch.cat([o["labels"] for o in outputs])
+    assert len(labels) > 0 and labels.min() >= 1 and labels.max() <= 2
+
+
+def test_resumed_retinanet_run_equals_the_uninterrupted_one(
+    retinanet_run: Path, tiny_coco: Path, pretrained_weights: Path, tmp_path: Path
+) -> None:
+    benchmark = tiny_benchmark(tiny_coco, model="retinanet")
+    assert_resumed_run_equals(retinanet_run, benchmark, pretrained_weights, tmp_path)
+
+
+def test_retinanet_writes_and_evaluates_box_metrics(retinanet_run: Path, tiny_coco: Path, tmp_path: Path) -> None:
+    saved = torch.load(retinanet_run, weights_only=True)
+    assert (saved["format"], saved["method"], saved["category_ids"]) == ("regioncl.detector/1", "moco_v2", [3, 7])
+    assert saved["state_dict"]["head.classification_head.cls_logits.weight"].shape[0] == 9 * 2  # anchors x K
+    record = evaluate(tiny_benchmark(tiny_coco, model="retinanet"), retinanet_run, tmp_path / "metrics.json")
+    assert set(record["metrics"]) == {"bbox"}
+    assert_metrics_in_range(record["metrics"]["bbox"])
+
+
+def test_device_auto_is_the_gpu_when_torch_sees_one(tiny_coco: Path) -> None:
+    assert select_device(tiny_benchmark(tiny_coco)) == torch.device("cpu")
+    auto = select_device(tiny_benchmark(tiny_coco, device="auto"))
+    assert auto.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is available")
+def test_cuda_without_a_gpu_is_refused_clearly(straight_run: Path, tiny_coco: Path, tmp_path: Path) -> None:
+    benchmark = tiny_benchmark(tiny_coco, device="cuda")
+    refusal = r"benchmark 'tiny': device 'cuda' but torch sees no CUDA GPU.*'auto' or 'cpu'"
+    with pytest.raises(ValueError, match=refusal):
+        finetune(benchmark, None, 0, tmp_path / "m.pt", tmp_path / "work")
+    with pytest.raises(ValueError, match=refusal):
+        evaluate(benchmark, straight_run, tmp_path / "metrics.json")
+    assert not (tmp_path / "work").exists() and not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model", ["faster_rcnn", "mask_rcnn", "retinanet"])
+def test_finetune_resume_and_evaluate_run_on_the_gpu(
+    tiny_coco: Path, pretrained_weights: Path, tmp_path: Path, model: str
+) -> None:
+    benchmark = tiny_benchmark(tiny_coco, model=model, device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    finetune(with_iterations(benchmark, 2), pretrained_weights, 0, tmp_path / "half.pt", tmp_path / "work")
+    finetune(benchmark, pretrained_weights, 0, tmp_path / "model.pt", tmp_path / "work")  # resumes at 2
+    assert torch.cuda.max_memory_allocated() > 0
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert {t.device.type for t in saved["state_dict"].values()} == {"cpu"}
+    half = torch.load(tmp_path / "half.pt", weights_only=True)["state_dict"]
+    assert not torch.equal(half["backbone.body.conv1.weight"], saved["state_dict"]["backbone.body.conv1.weight"])
+    record = evaluate(benchmark, tmp_path / "model.pt", tmp_path / "metrics.json")
+    assert set(record["metrics"]) == set(benchmark.iou_types)
     for metrics in record["metrics"].values():
         assert_metrics_in_range(metrics)
 

@@ -14,8 +14,9 @@ The papers' own protocols (``config/benchmarks/*.yaml``, loaded by ``regioncl.tr
 run on the detectron2 backend, which also builds R50-C4 detectors (``fpn: false``), RetinaNet,
 norms in the FPN and heads (``fpn_norm``, ``head_norm``), SoCo's 4conv1fc box head, MoCo's extra
 norm after res5 (``res5_extra_norm``), precise BN and LVIS's repeat-factor sampler. The
-torchvision backend builds FPN Faster/Mask R-CNN with the norm in the backbone only and rejects
-the settings it cannot honour, by name.
+torchvision backend builds FPN Faster/Mask R-CNN and RetinaNet (P3-P7) with the norm in the
+backbone only, on the CPU or a GPU (``device``), and rejects the settings it cannot honour, by
+name.
 
 On the CPU a config sets slim heads (e.g. ``heads: {fpn_channels: 64, box_head_dim: 256,
 roi_batch_size_per_image: 128}``): the same code path, smaller numbers.
@@ -40,6 +41,7 @@ BOX_HEADS = ("2fc", "4conv1fc")  # detectron2 FastRCNNConvFCHead: 0 conv + 2 fc,
 SAMPLERS = ("uniform", "repeat_factor")  # detectron2 TrainingSampler / RepeatFactorTrainingSampler
 SIZE_SAMPLING = ("choice", "range")  # detectron2 INPUT.MIN_SIZE_TRAIN_SAMPLING
 OPTIMIZERS = ("sgd",)
+DEVICES = ("auto", "cpu", "cuda")  # torchvision backend; "auto": cuda when torch sees a GPU
 # Annotation formats of the detection layouts (how a split's two paths are read):
 #   coco:       annotations = a COCO instances JSON,      images = its image directory
 #   lvis:       annotations = an LVIS v1 JSON,            images = the COCO root holding {train,val}2017
@@ -260,6 +262,7 @@ class BenchmarkSettings(Settings):
     train_fraction: float = 1.0  # < 1: train on a random image subset (semi-supervised COCO)
     subset_seed: int = 0  # the subset's sampling seed (fixed across finetuning seeds)
     trainable_layers: int = 5  # ResNet stages finetuned, counted from the top (5 = all + stem)
+    device: str = "auto"  # torchvision backend; detectron2 places by its launch options (num_gpus)
     heads: HeadSettings = field(default_factory=HeadSettings)
     input: InputSettings = field(default_factory=InputSettings)
     solver: SolverSettings = field(default_factory=SolverSettings)
@@ -274,6 +277,7 @@ class BenchmarkSettings(Settings):
         _check_choice("head_norm", self.head_norm, EXTRA_NORMS)
         _check_choice("box_head", self.box_head, BOX_HEADS)
         _check_choice("sampler", self.sampler, SAMPLERS)
+        _check_choice("device", self.device, DEVICES)
         if not 0.0 < self.train_fraction <= 1.0:
             raise ValueError(f"train_fraction: expected 0 < f <= 1, got {self.train_fraction!r}")
         if not self.fpn and (self.model == "retinanet" or self.fpn_norm != "none" or self.box_head != "2fc"):
@@ -294,6 +298,11 @@ class BenchmarkSettings(Settings):
                 f"input.hflip_prob: detectron2 flips with probability 0.5 or not at all; got "
                 f"{self.input.hflip_prob!r}, expected 0.0 or 0.5"
             )
+        if self.backend == "detectron2" and self.device != "auto":
+            raise ValueError(
+                f"device: {self.device!r} is the torchvision backend's; the detectron2 backend runs "
+                "on the GPUs its launch options give (num_gpus, 0: the CPU); expected 'auto'"
+            )
         if self.backend == "torchvision":
             self._check_torchvision_can_build()
         if not 0 <= self.trainable_layers <= 5:
@@ -306,11 +315,19 @@ class BenchmarkSettings(Settings):
                 f"norm 'frozen_bn' (got {self.norm!r}); expected 5 with trainable norms"
             )
 
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        # `device` says where the protocol runs, not what it is: while it is the default it is
+        # left out, so the resolved settings (Snakemake's job params) of earlier results stay
+        # the same and an upgrade does not re-run every finetune.
+        if data["device"] == "auto":
+            del data["device"]
+        return data
+
     def _check_torchvision_can_build(self) -> None:
-        """The torchvision backend builds FPN Faster/Mask R-CNN with a 2fc head from COCO-format
-        data; name the first setting it would otherwise silently ignore."""
+        """The torchvision backend builds every model family (FPN only; R-CNNs with a 2fc head)
+        from COCO-format data; name the first setting it would otherwise silently ignore."""
         unsupported = {
-            "model": (self.model, ("faster_rcnn", "mask_rcnn")),
             "fpn": (self.fpn, (True,)),
             "fpn_norm": (self.fpn_norm, ("none",)),
             "head_norm": (self.head_norm, ("none",)),

@@ -33,8 +33,12 @@ ALIASED_MODULES = (
 )
 
 
-class NumpyWithIn1d(types.ModuleType):
-    """numpy plus the ``in1d`` NumPy 2.4 removed, for modules written against older NumPy."""
+class LegacyNumpy(types.ModuleType):
+    """numpy plus names NumPy 2 removed, for evaluation packages written against older NumPy:
+    ``in1d`` (removed in 2.4; cityscapesscripts) and ``float`` (an alias of the builtin,
+    removed in 1.24; lvis, see ``detectron2_backend.lvis_eval_for_numpy2``)."""
+
+    float = float
 
     def __getattr__(self, name: str):
         return getattr(numpy, name)
@@ -75,5 +79,5 @@ def alias_cityscapes_scripts() -> None:
         sys.modules.setdefault(f"{INTERNAL_PREFIX}.{name}", module)
     evaluation = modules[-1]
     if not hasattr(numpy, "in1d") and getattr(evaluation, "np", None) is numpy:
-        evaluation.np = NumpyWithIn1d("numpy")
+        evaluation.np = LegacyNumpy("numpy")
     evaluation.writeDict2JSON = write_dict_to_json

@@ -7,12 +7,17 @@ backends`` does): detectron2 is optional and imported at the top here.
 - Data: every split is registered under ``dataset_names(benchmark)`` from the benchmark's
   explicit paths (COCO / LVIS JSON, VOC image-set lists, Cityscapes gtFine), so any dataset root
   works, not only $DETECTRON2_DATASETS; a semi-supervised benchmark registers its subset JSON.
+  Masks travel as polygons (the papers' configs) unless the COCO-format training data holds RLE
+  masks (the embedded dataset), which detectron2 carries only as bitmasks (``mask_format_of``).
 - Training: ``DefaultTrainer`` (its optimizer, WarmupMultiStepLR, PreciseBN and periodic
   checkpoints) in ``workdir``; ``resume_or_load(resume=True)`` continues from the workdir's
   last checkpoint, else loads the converted ``.pkl``. ``launch`` spreads it over GPUs/machines.
 - Evaluation: COCOEvaluator, LVISEvaluator, PascalVOCDetectionEvaluator or
-  CityscapesInstanceEvaluator by dataset format; the record has ``regioncl.transfer.evaluate``'s
-  shape (metrics in percent per IoU type, with benchmark, weights, seed and versions).
+  CityscapesInstanceEvaluator by dataset format (LVIS needs ``lvis``, Cityscapes
+  ``cityscapesscripts``: both patched for NumPy 2 on first use, Cityscapes also for its import
+  path); the record has
+  ``regioncl.transfer.evaluate``'s shape (metrics in percent per IoU type, None where undefined,
+  with benchmark, weights, seed and versions).
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ import contextlib
 import importlib.metadata
 import json
 import logging
+import math
+import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import detectron2
+import numpy
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
@@ -54,7 +62,7 @@ from detectron2.utils.logger import setup_logger
 import regioncl
 from regioncl.io import atomic_path, write_json_atomic
 from regioncl.transfer.benchmarks import BenchmarkSettings, load_finetuned_detector
-from regioncl.transfer.cityscapes_compat import alias_cityscapes_scripts
+from regioncl.transfer.cityscapes_compat import LegacyNumpy, alias_cityscapes_scripts
 from regioncl.transfer.detectron2_config import (
     FORMAT_NUM_CLASSES,
     dataset_names,
@@ -96,6 +104,21 @@ def num_classes_of(benchmark: BenchmarkSettings) -> int:
         return len(json.load(handle)["categories"])
 
 
+def mask_format_of(benchmark: BenchmarkSettings) -> str:
+    """detectron2's ``INPUT.MASK_FORMAT`` for the benchmark's training masks: ``polygon`` (the
+    papers' configs) unless a COCO-format training split gives an object it trains on (crowd
+    regions are dropped) an RLE mask, which only ``bitmask`` carries: the embedded dataset's
+    masks are RLE. VOC has no masks; LVIS and Cityscapes (read ``to_polygons``) are polygons."""
+    if not benchmark.with_masks or benchmark.dataset.format != "coco":
+        return "polygon"
+    for split_json, _ in benchmark.dataset.train_splits():
+        with open(split_json) as handle:
+            objects = json.load(handle)["annotations"]
+        if any(isinstance(o.get("segmentation"), dict) and not o.get("iscrowd", 0) for o in objects):
+            return "bitmask"
+    return "polygon"
+
+
 def build_cfg(
     benchmark: BenchmarkSettings,
     num_classes: int,
@@ -104,10 +127,12 @@ def build_cfg(
     weights: str = "",
     device: str = "cpu",
     num_workers: int = 2,
+    mask_format: str = "polygon",
 ) -> CfgNode:
     """detectron2's default config with the benchmark's options merged in."""
     cfg = get_cfg()
-    cfg.merge_from_list(flat_option_list(detectron2_options(benchmark, num_classes, seed, output_dir)))
+    options = detectron2_options(benchmark, num_classes, seed, output_dir, mask_format)
+    cfg.merge_from_list(flat_option_list(options))
     cfg.MODEL.WEIGHTS = weights
     cfg.MODEL.DEVICE = device
     cfg.DATALOADER.NUM_WORKERS = num_workers
@@ -129,7 +154,9 @@ def _register_split(name: str, fmt: str, annotations: Path, images: Path) -> Non
     if fmt == "coco":
         register_coco_instances(name, {}, str(annotations), str(images))
     elif fmt == "lvis":
-        register_lvis_instances(name, get_lvis_instances_meta("lvis_v1"), str(annotations), str(images))
+        # images = the COCO root: detectron2 appends "train2017/<file>" from each image's coco_url
+        # to it as a string, so it must end with a separator
+        register_lvis_instances(name, get_lvis_instances_meta("lvis_v1"), str(annotations), os.path.join(images, ""))
     elif fmt == "voc":
         # annotations = <root>/VOC<year>/ImageSets/Main/<split>.txt
         voc_dir = annotations.parents[2]
@@ -160,6 +187,20 @@ def register_datasets(benchmark: BenchmarkSettings, workdir: Path) -> None:
     _register_split(val_name, data.format, data.path("val_json"), data.path("val_images"))
 
 
+def lvis_eval_for_numpy2() -> None:
+    """lvis 0.5.3 (the latest) accumulates its precision with ``np.float``, which NumPy 1.24
+    removed: give its evaluation module a numpy that still has it (``cityscapes_compat.
+    LegacyNumpy``). Raises ModuleNotFoundError naming the package when ``lvis`` is missing."""
+    try:
+        import lvis.eval
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            "the LVIS evaluator needs the 'lvis' package (pip install --no-deps lvis: docs/transfer.md)"
+        ) from error
+    if not hasattr(numpy, "float") and lvis.eval.np is numpy:
+        lvis.eval.np = LegacyNumpy("numpy")
+
+
 def build_evaluator(benchmark: BenchmarkSettings, dataset_name: str, output_dir: Path) -> DatasetEvaluator:
     fmt = benchmark.dataset.format
     if fmt == "voc":
@@ -167,10 +208,15 @@ def build_evaluator(benchmark: BenchmarkSettings, dataset_name: str, output_dir:
     if fmt == "cityscapes":
         alias_cityscapes_scripts()
         return CityscapesInstanceEvaluator(dataset_name)
-    tasks = ("bbox", "segm") if benchmark.with_masks else ("bbox",)
     if fmt == "lvis":
-        return LVISEvaluator(dataset_name, tasks=tasks, output_dir=str(output_dir))
-    return COCOEvaluator(dataset_name, tasks=tasks, output_dir=str(output_dir))
+        lvis_eval_for_numpy2()
+        return LVISEvaluator(
+            dataset_name,
+            tasks=benchmark.iou_types,
+            output_dir=str(output_dir),
+            max_dets_per_image=benchmark.eval.detections_per_image,
+        )
+    return COCOEvaluator(dataset_name, tasks=benchmark.iou_types, output_dir=str(output_dir))
 
 
 class BenchmarkTrainer(DefaultTrainer):
@@ -191,12 +237,14 @@ def _check_identity(workdir: Path, identity: dict[str, Any]) -> None:
         write_json_atomic(path, identity)
 
 
-def _train_worker(benchmark_dict: dict, weights: str, seed: int, out: str, workdir: str, device: str, num_workers: int) -> None:
+def _train_worker(
+    benchmark_dict: dict, weights: str, seed: int, out: str, workdir: str, device: str, num_workers: int, mask_format: str
+) -> None:
     benchmark = BenchmarkSettings.from_dict(benchmark_dict)
     setup_logger(workdir, distributed_rank=comm.get_rank(), name="detectron2")
     seed_all_rng(seed + comm.get_rank())
     register_datasets(benchmark, Path(workdir))
-    cfg = build_cfg(benchmark, num_classes_of(benchmark), seed, workdir, weights, device, num_workers)
+    cfg = build_cfg(benchmark, num_classes_of(benchmark), seed, workdir, weights, device, num_workers, mask_format)
     trainer = BenchmarkTrainer(cfg)
     trainer.resume_or_load(resume=True)
     trainer.train()
@@ -251,14 +299,23 @@ def finetune(
         num_machines=num_machines,
         machine_rank=machine_rank,
         dist_url=dist_url,
-        args=(benchmark.to_dict(), weights_str, seed, str(out), str(workdir), device, num_workers),
+        # the mask format is read here, once, not by every rank (a COCO training JSON is large)
+        args=(benchmark.to_dict(), weights_str, seed, str(out), str(workdir), device, num_workers, mask_format_of(benchmark)),
     )
 
 
+def summary_value(value: float) -> float | None:
+    """An AP in percent, or None where the evaluator could not define it (no ground truth in
+    that size / frequency group, or no prediction): COCOEvaluator reports those as NaN,
+    LVISEvaluator as -100 (lvis' -1, in percent)."""
+    value = float(value)
+    return value if math.isfinite(value) and value >= 0 else None
+
+
 def summary_metrics(results: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
-    """The evaluators' ``{task: {metric: value}}`` without per-class entries; NaN -> None."""
+    """The evaluators' ``{task: {metric: value}}`` without per-class entries."""
     return {
-        task: {name: (None if value != value else float(value)) for name, value in values.items() if name in SUMMARY_METRICS}
+        task: {name: summary_value(value) for name, value in values.items() if name in SUMMARY_METRICS}
         for task, values in results.items()
     }
 

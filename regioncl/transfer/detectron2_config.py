@@ -26,6 +26,7 @@ FORMAT_NUM_CLASSES = {"voc": 20, "cityscapes": 8, "lvis": 1203}
 FPN_LEVELS = ("p2", "p3", "p4", "p5", "p6")  # RPN inputs; the RoI heads pool from p2..p5
 RETINANET_LEVELS = ("p3", "p4", "p5", "p6", "p7")
 C4_ANCHOR_SIZES = [[32, 64, 128, 256, 512]]  # one feature map (res4) holds every size
+MASK_FORMATS = ("polygon", "bitmask")  # detectron2 INPUT.MASK_FORMAT
 
 
 def dataset_names(benchmark: BenchmarkSettings) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -125,11 +126,18 @@ def _retinanet_options(b: BenchmarkSettings, num_classes: int) -> dict[str, Any]
 
 
 def detectron2_options(
-    b: BenchmarkSettings, num_classes: int, seed: int = 0, output_dir: str = ""
+    b: BenchmarkSettings, num_classes: int, seed: int = 0, output_dir: str = "", mask_format: str = "polygon"
 ) -> dict[str, Any]:
-    """The detectron2 config keys (dotted) and values that make up benchmark ``b``."""
+    """The detectron2 config keys (dotted) and values that make up benchmark ``b``.
+
+    ``mask_format`` is how the data's masks are carried: ``polygon`` (the papers' configs:
+    COCO, LVIS and Cityscapes objects are polygons) or ``bitmask``, which also holds RLE masks
+    (``detectron2_backend.mask_format_of`` picks it from the training annotations).
+    """
     if num_classes <= 0:
         raise ValueError(f"num_classes: expected > 0, got {num_classes!r}")
+    if mask_format not in MASK_FORMATS:
+        raise ValueError(f"mask_format: expected one of {list(MASK_FORMATS)}, got {mask_format!r}")
     size, solver = b.input, b.solver
     train, test = dataset_names(b)
     head = _retinanet_options(b, num_classes) if b.model == "retinanet" else _rcnn_head_options(b, num_classes)
@@ -146,7 +154,7 @@ def detectron2_options(
         "INPUT.MIN_SIZE_TEST": size.eval_min_size,
         "INPUT.MAX_SIZE_TEST": size.eval_max_size,
         "INPUT.RANDOM_FLIP": "horizontal" if size.hflip_prob > 0 else "none",
-        "INPUT.MASK_FORMAT": "polygon",
+        "INPUT.MASK_FORMAT": mask_format,
         "DATASETS.TRAIN": list(train),
         "DATASETS.TEST": list(test),
         "DATALOADER.SAMPLER_TRAIN": SAMPLER_NAMES[b.sampler],

@@ -25,7 +25,11 @@ import regioncl
 from regioncl.io import write_json_atomic
 from regioncl.transfer.benchmarks import BenchmarkSettings, load_finetuned_detector
 from regioncl.transfer.coco_data import CocoDetection, load_coco
-from regioncl.transfer.torchvision_backend import DETECTOR_FORMAT, build_detector
+from regioncl.transfer.torchvision_backend import (
+    DETECTOR_FORMAT,
+    build_detector,
+    select_device,
+)
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
 MASK_THRESHOLD = 0.5  # torchvision's mask probabilities -> binary masks, as detectron2
@@ -58,13 +62,13 @@ def to_coco_detections(
     output: dict[str, torch.Tensor], image_id: int, category_ids: list[int]
 ) -> list[dict[str, Any]]:
     """One image's torchvision output (boxes x1y1x2y2 in original pixels, labels 1..K, scores,
-    optional masks (N, 1, H, W) probabilities) as COCO result dicts."""
+    optional masks (N, 1, H, W) probabilities; on any device) as COCO result dicts."""
     boxes = output["boxes"].tolist()
     labels = output["labels"].tolist()
     scores = output["scores"].tolist()
     rles = []
     if "masks" in output:
-        binary = (output["masks"][:, 0] > MASK_THRESHOLD).numpy().astype(np.uint8)
+        binary = (output["masks"][:, 0] > MASK_THRESHOLD).cpu().numpy().astype(np.uint8)
         rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
     results = []
     for i, ((x1, y1, x2, y2), label, score) in enumerate(zip(boxes, labels, scores)):
@@ -84,14 +88,14 @@ def to_coco_detections(
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, data: CocoDetection, batch_size: int) -> list[dict]:
-    """COCO result dicts for every image of ``data``."""
+def predict(model: torch.nn.Module, data: CocoDetection, batch_size: int, device: torch.device) -> list[dict]:
+    """COCO result dicts for every image of ``data``, run on ``device`` (the model's)."""
     model.eval()
     detections = []
     starts = range(0, len(data), batch_size)
     for start in tqdm(starts, desc="evaluate", unit="batch", file=sys.stderr, dynamic_ncols=True):
         indices = range(start, min(start + batch_size, len(data)))
-        outputs = model([data.load_image(i) for i in indices])
+        outputs = model([data.load_image(i).to(device) for i in indices])
         for i, output in zip(indices, outputs):
             detections += to_coco_detections(output, data.image_ids[i], data.category_ids)
     return detections
@@ -112,11 +116,13 @@ def evaluate(
     run: str | None = None,
     method: str | None = None,
 ) -> dict:
-    """Run the detector on the benchmark's val split, score it, write and return the record.
+    """Run the detector on the benchmark's val split (on ``benchmark.device``), score it, write
+    and return the record.
 
     ``run`` and ``method`` label the record for the tables; ``method`` defaults to the one the
     detector's weights came from ("random" without pretraining).
     """
+    device = select_device(benchmark)
     model, saved = load_detector(benchmark, model_path)
     gt_json = benchmark.dataset.path("val_json")
     data = CocoDetection(gt_json, benchmark.dataset.path("val_images"), with_masks=False)
@@ -125,7 +131,7 @@ def evaluate(
             f"{gt_json}: categories {data.category_ids} differ from those the model was "
             f"trained on {saved['category_ids']}"
         )
-    detections = predict(model, data, benchmark.eval.batch_size)
+    detections = predict(model.to(device), data, benchmark.eval.batch_size, device)
     record = {
         "benchmark": benchmark.name,
         "run": run,

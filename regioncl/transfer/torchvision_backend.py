@@ -1,10 +1,14 @@
-"""Finetune torchvision's Faster / Mask R-CNN (ResNet-FPN) from converted weights.
+"""Finetune torchvision's Faster / Mask R-CNN and RetinaNet (ResNet-FPN) from converted weights.
+
+Runs on ``benchmark.device`` (``auto``: the GPU when there is one); checkpoints and the
+finetuned detector are loadable on the CPU.
 
 Determinism and exact resume: the data order of epoch ``e`` is a permutation drawn from
 ``(seed, e)``; the flips and torch's global RNG (RPN / RoI sampling, multi-scale resize) are
 re-seeded from ``(seed, iteration)`` at every iteration. So a resumed run needs only the
-model and optimizer state to continue exactly as an uninterrupted one (on the same machine
-and thread count), and the learning rate is a pure function of the iteration.
+model and optimizer state to continue exactly as an uninterrupted one (on the CPU of the same
+machine, same thread count; on a GPU only up to the nondeterminism of CUDA kernels such as
+RoIAlign's backward), and the learning rate is a pure function of the iteration.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ import numpy as np
 import torch
 import torchvision
 from torch import nn
-from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 from tqdm import tqdm
 
@@ -48,10 +53,16 @@ NORM_MODULES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)  # parameters ge
 TRAINABLE_STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1", "bn1")
 
 
-def build_backbone(benchmark: BenchmarkSettings) -> BackboneWithFPN:
-    """ResNet (C2..C5) + FPN (P2..P6) with ``heads.fpn_channels`` channels, randomly initialised.
+def build_backbone(
+    benchmark: BenchmarkSettings, stages: tuple[int, ...] = (1, 2, 3, 4), p6p7: bool = False
+) -> BackboneWithFPN:
+    """ResNet + FPN with ``heads.fpn_channels`` channels, randomly initialised.
 
-    Like torchvision's ``resnet_fpn_backbone`` but with a configurable FPN width; stages above
+    The FPN reads the ResNet ``stages`` (1..4: C2..C5) and adds P6 max-pooled from its top
+    level (R-CNN: P2..P6) or, with ``p6p7``, P6 and P7 as stride-2 convs on C5 (RetinaNet:
+    P3..P7 from C3..C5, as detectron2's ``build_retinanet_resnet_fpn_backbone``; torchvision's
+    ``LastLevelP6P7`` reads P5 instead when C5 and the FPN have the same width). Like
+    torchvision's ``resnet_fpn_backbone`` but with a configurable FPN width; stages above
     ``trainable_layers`` (counted from layer4) get ``requires_grad = False``.
     """
     resnet = getattr(torchvision.models, benchmark.arch)(
@@ -62,11 +73,13 @@ def build_backbone(benchmark: BenchmarkSettings) -> BackboneWithFPN:
         if not name.startswith(trainable):
             parameter.requires_grad_(False)
     c5_channels = resnet.inplanes  # 512 (BasicBlock) or 2048 (Bottleneck)
+    fpn_channels = benchmark.heads.fpn_channels
     backbone = BackboneWithFPN(
         resnet,
-        return_layers={f"layer{i}": str(i - 1) for i in range(1, 5)},
-        in_channels_list=[c5_channels // 8 * 2 ** (i - 1) for i in range(1, 5)],
-        out_channels=benchmark.heads.fpn_channels,
+        return_layers={f"layer{stage}": str(level) for level, stage in enumerate(stages)},
+        in_channels_list=[c5_channels // 8 * 2 ** (stage - 1) for stage in stages],
+        out_channels=fpn_channels,
+        extra_blocks=LastLevelP6P7(c5_channels, fpn_channels) if p6p7 else None,
     )
     if benchmark.norm == "syncbn":
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
@@ -85,7 +98,46 @@ def build_mask_rcnn(benchmark: BenchmarkSettings, num_classes: int) -> MaskRCNN:
     return MaskRCNN(num_classes=None, mask_head=mask_head, mask_predictor=mask_predictor, **parts)
 
 
-DETECTOR_BUILDERS = {"faster_rcnn": build_faster_rcnn, "mask_rcnn": build_mask_rcnn}
+class ForegroundLabelRetinaNet(RetinaNet):
+    """torchvision's RetinaNet scoring the K object classes, speaking the R-CNNs' labels.
+
+    Targets and detections carry labels 1..K (0 is the R-CNNs' background); RetinaNet's
+    sigmoid classifier has no background class, so it sees 0..K-1, as detectron2's does.
+    """
+
+    def forward(
+        self, images: list[torch.Tensor], targets: list[dict] | None = None
+    ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        if targets is not None:
+            targets = [{**target, "labels": target["labels"] - 1} for target in targets]
+        outputs = super().forward(images, targets)
+        if self.training:
+            return outputs
+        return [{**output, "labels": output["labels"] + 1} for output in outputs]
+
+
+def build_retinanet(benchmark: BenchmarkSettings, num_classes: int) -> RetinaNet:
+    """RetinaNet on P3..P7 with torchvision's defaults, which are detectron2's Base-RetinaNet:
+    3 scales x 3 ratios of anchors 32..512, IoU thresholds (0.4, 0.5), focal loss (0.25, 2),
+    L1 box loss (smooth L1 with beta 0), NMS 0.5 over the top 1000 candidates per level."""
+    size = benchmark.input
+    return ForegroundLabelRetinaNet(
+        build_backbone(benchmark, stages=(2, 3, 4), p6p7=True),
+        num_classes,
+        min_size=size.min_size,
+        max_size=size.max_size,
+        image_mean=list(size.pixel_mean),
+        image_std=list(size.pixel_std),
+        score_thresh=benchmark.eval.score_threshold,
+        detections_per_img=benchmark.eval.detections_per_image,
+    )
+
+
+DETECTOR_BUILDERS = {
+    "faster_rcnn": build_faster_rcnn,
+    "mask_rcnn": build_mask_rcnn,
+    "retinanet": build_retinanet,
+}
 
 
 def detector_parts(benchmark: BenchmarkSettings, num_classes: int) -> dict:
@@ -171,6 +223,22 @@ def build_optimizer(model: nn.Module, solver: SolverSettings) -> torch.optim.SGD
     )
 
 
+def select_device(benchmark: BenchmarkSettings) -> torch.device:
+    """``benchmark.device``: ``cpu``, ``cuda`` (an error without a GPU) or ``auto`` (cuda if any)."""
+    if benchmark.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"benchmark {benchmark.name!r}: device 'cuda' but torch sees no CUDA GPU "
+            "(torch.cuda.is_available() is False); expected device 'auto' or 'cpu' on this machine"
+        )
+    cuda = benchmark.device == "cuda" or (benchmark.device == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if cuda else "cpu")
+
+
+def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors on the CPU, so that saved files load on machines without a GPU."""
+    return {key: tensor.cpu() for key, tensor in model.state_dict().items()}
+
+
 @functools.lru_cache(maxsize=4)
 def epoch_order(seed: int, epoch: int, size: int) -> tuple[int, ...]:
     return tuple(np.random.default_rng([seed, ORDER_STREAM, epoch]).permutation(size).tolist())
@@ -183,15 +251,16 @@ def batch_indices(seed: int, iteration: int, batch_size: int, size: int) -> list
 
 
 def load_batch(
-    data: CocoDetection, indices: list[int], flips: np.ndarray
+    data: CocoDetection, indices: list[int], flips: np.ndarray, device: torch.device
 ) -> tuple[list[torch.Tensor], list[dict]]:
+    """Images and targets of ``indices``, flipped where ``flips`` says, on ``device``."""
     images, targets = [], []
     for index, flip in zip(indices, flips):
         image, target = data[index]
         if flip:
             image, target = hflip(image, target)
-        images.append(image)
-        targets.append(target)
+        images.append(image.to(device))
+        targets.append({key: value.to(device) for key, value in target.items()})
     return images, targets
 
 
@@ -236,12 +305,14 @@ def resume_state(path: Path, identity: dict) -> dict | None:
 def finetune(
     benchmark: BenchmarkSettings, weights: Path | None, seed: int, out: Path, workdir: Path
 ) -> None:
-    """Train the benchmark's detector from ``weights`` (``None``: random init) and write ``out``.
+    """Train the benchmark's detector from ``weights`` (``None``: random init) on
+    ``benchmark.device`` and write ``out``.
 
     Resumes from ``workdir/checkpoint_last.pt`` when present; saves it every
     ``solver.checkpoint_every`` iterations.
     """
     solver = benchmark.solver
+    device = select_device(benchmark)
     annotations = training_annotations(
         benchmark.dataset.path("train_json"), benchmark.train_fraction, benchmark.subset_seed, workdir
     )
@@ -251,6 +322,7 @@ def finetune(
     source = {"method": "random"}
     if weights is not None:
         source = load_pretrained_weights(model, weights, benchmark.arch)
+    model.to(device)
     optimizer = build_optimizer(model, solver)
 
     checkpoint_path = Path(workdir) / CHECKPOINT_NAME
@@ -276,7 +348,7 @@ def finetune(
         torch.manual_seed(int(rng.integers(2**63)))
         flips = rng.random(solver.batch_size) < benchmark.input.hflip_prob
         indices = batch_indices(seed, iteration, solver.batch_size, len(data))
-        images, targets = load_batch(data, indices, flips)
+        images, targets = load_batch(data, indices, flips, device)
         lr = lr_at(solver, iteration)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -289,7 +361,7 @@ def finetune(
                 {
                     **identity,
                     "iteration": done,
-                    "model": model.state_dict(),
+                    "model": cpu_state_dict(model),
                     "optimizer": optimizer.state_dict(),
                 },
             )
@@ -299,7 +371,7 @@ def finetune(
         {
             "format": DETECTOR_FORMAT,
             "benchmark": benchmark.name,
-            "state_dict": model.state_dict(),
+            "state_dict": cpu_state_dict(model),
             "seed": seed,
             "weights": identity["weights"],
             "method": source["method"],
