@@ -151,7 +151,7 @@ def test_unknown_key_in_a_tables_config_is_an_error_naming_it(tmp_path):
         load_tables_config(config)
 
 
-@pytest.mark.parametrize("name", ["paper.yaml", "embedded.yaml"])
+@pytest.mark.parametrize("name", ["paper.yaml", "embedded.yaml", "embedded_benchmark.yaml"])
 def test_project_tables_configs_resolve_against_the_project_references(name):
     """Every row of config/tables/*.yaml finds its printed reference row (no results needed)."""
     references = load_references(ROOT / "config/reference")
