@@ -7,8 +7,10 @@ renames it into place (``os.replace`` is atomic on POSIX within one filesystem).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +20,45 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _temp_prefix(dest: Path, pid: int | None = None) -> str:
+    """``.<name>.<host>.<pid>.``: whose temporary file it is, so a later writer can tell a
+    killed writer's leftover from a live one's (a shared filesystem spans several hosts)."""
+    return f".{dest.name}.{socket.gethostname()}.{os.getpid() if pid is None else pid}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(dest: Path) -> list[Path]:
+    """Delete the temporary files of ``dest`` left by killed writers on this host (SIGKILL
+    skips ``atomic_path``'s clean-up); return them. Other hosts' files are left alone."""
+    host_prefix = f".{dest.name}.{socket.gethostname()}."
+    removed = []
+    for leftover in dest.parent.glob(f"{glob.escape(host_prefix)}*.tmp"):
+        pid = leftover.name[len(host_prefix) :].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; rename it to ``dest`` only if the block succeeds."""
+    """Yield a temporary path beside ``dest``; rename it to ``dest`` only if the block succeeds.
+
+    Leftovers of earlier writers of ``dest`` that were killed (their process is gone) are
+    removed first, so a re-run after SIGKILL leaves no hidden temporary files behind."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    remove_stale_temporaries(dest)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp creates mode 0600; give the final file the mode a plain open() would.
