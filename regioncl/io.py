@@ -20,10 +20,14 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _temp_prefix(dest: Path, pid: int | None = None) -> str:
+def _host_prefix(dest: Path) -> str:
+    return f".{dest.name}.{socket.gethostname()}."
+
+
+def _temp_prefix(dest: Path) -> str:
     """``.<name>.<host>.<pid>.``: whose temporary file it is, so a later writer can tell a
     killed writer's leftover from a live one's (a shared filesystem spans several hosts)."""
-    return f".{dest.name}.{socket.gethostname()}.{os.getpid() if pid is None else pid}."
+    return f"{_host_prefix(dest)}{os.getpid()}."
 
 
 def _pid_alive(pid: int) -> bool:
@@ -39,7 +43,7 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temporaries(dest: Path) -> list[Path]:
     """Delete the temporary files of ``dest`` left by killed writers on this host (SIGKILL
     skips ``atomic_path``'s clean-up); return them. Other hosts' files are left alone."""
-    host_prefix = f".{dest.name}.{socket.gethostname()}."
+    host_prefix = _host_prefix(dest)
     removed = []
     for leftover in dest.parent.glob(f"{glob.escape(host_prefix)}*.tmp"):
         pid = leftover.name[len(host_prefix) :].split(".", 1)[0]

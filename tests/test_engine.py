@@ -15,6 +15,7 @@ from PIL import Image
 from regioncl.data.shards import ShardStream
 from regioncl.engine import OptimizerSettings, PretrainSettings, pretrain
 from regioncl.engine.dist import (
+    DistEnv,
     expand_slurm_nodelist,
     init_distributed,
     read_dist_env,
@@ -363,3 +364,13 @@ def test_each_step_sees_the_same_samples_and_augmentation_draws_with_one_or_two_
     one_rank = step_batches(0, 1, workers=0)
     two_ranks = [a | b for a, b in zip(step_batches(0, 2, workers=2), step_batches(1, 2, workers=2))]
     assert one_rank == two_ranks and all(len(batch) == 4 for batch in one_rank)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is available")
+def test_device_cuda_without_a_gpu_is_refused_before_anything_starts():
+    single = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=29500, launcher="single")
+    with pytest.raises(ValueError, match=r"device: 'cuda' but torch sees no CUDA GPU"):
+        init_distributed(single, "cuda")
+    with pytest.raises(ValueError, match=r"device: expected 'auto', 'cpu' or 'cuda', got 'tpu'"):
+        init_distributed(single, "tpu")
+    assert init_distributed(single, "auto") == torch.device("cpu")

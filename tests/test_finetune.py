@@ -355,7 +355,7 @@ def test_device_auto_is_the_gpu_when_torch_sees_one(tiny_coco: Path) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is available")
 def test_cuda_without_a_gpu_is_refused_clearly(straight_run: Path, tiny_coco: Path, tmp_path: Path) -> None:
     benchmark = tiny_benchmark(tiny_coco, device="cuda")
-    refusal = r"benchmark 'tiny': device 'cuda' but torch sees no CUDA GPU.*'auto' or 'cpu'"
+    refusal = r"benchmark 'tiny': device: 'cuda' but torch sees no CUDA GPU.*'auto' or 'cpu'"
     with pytest.raises(ValueError, match=refusal):
         finetune(benchmark, None, 0, tmp_path / "m.pt", tmp_path / "work")
     with pytest.raises(ValueError, match=refusal):

@@ -32,6 +32,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from tqdm import tqdm
 
 from regioncl.convert import TORCHVISION_FORMAT
+from regioncl.engine.dist import wants_cuda
 from regioncl.io import atomic_path
 from regioncl.transfer.benchmarks import BenchmarkSettings, SolverSettings
 from regioncl.transfer.coco_data import CocoDetection, hflip
@@ -225,13 +226,7 @@ def build_optimizer(model: nn.Module, solver: SolverSettings) -> torch.optim.SGD
 
 def select_device(benchmark: BenchmarkSettings) -> torch.device:
     """``benchmark.device``: ``cpu``, ``cuda`` (an error without a GPU) or ``auto`` (cuda if any)."""
-    if benchmark.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"benchmark {benchmark.name!r}: device 'cuda' but torch sees no CUDA GPU "
-            "(torch.cuda.is_available() is False); expected device 'auto' or 'cpu' on this machine"
-        )
-    cuda = benchmark.device == "cuda" or (benchmark.device == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if cuda else "cpu")
+    return torch.device("cuda" if wants_cuda(benchmark.device, f"benchmark {benchmark.name!r}: device") else "cpu")
 
 
 def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
