@@ -17,7 +17,6 @@ import torch
 
 from regioncl.methods import StepInfo, available_methods, get_method
 
-
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

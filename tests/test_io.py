@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from regioncl.io import _temp_prefix, atomic_path, remove_stale_temporaries, write_text_atomic
+from regioncl.io import (
+    _temp_prefix,
+    atomic_path,
+    remove_stale_temporaries,
+    write_text_atomic,
+)
 
 KILLED_WRITER = """
 import os, signal, sys
