@@ -377,6 +377,47 @@ def resolve_benchmark(name: str, entry: dict[str, Any], dataset: DatasetSpec) ->
     return BenchmarkSettings.from_dict(data, f"benchmarks.{name}").to_dict()
 
 
+def write_metrics_record(
+    out: Path,
+    benchmark: BenchmarkSettings,
+    model_path: Path,
+    saved: dict,
+    metrics: dict[str, dict[str, float | None]],
+    *,
+    run: str | None,
+    method: str | None,
+    versions: dict[str, str],
+) -> dict:
+    """Write and return the metrics record both backends produce (what the tables read): the
+    benchmark, labels (``method`` defaults to the weights' method), the finetuned ``saved``
+    detector's seed and weights, ``metrics`` in percent, and the versions that made them
+    (``versions``: the backend's own, beside torch, pycocotools and regioncl)."""
+    import importlib.metadata
+
+    import torch
+
+    import regioncl
+    from regioncl.io import write_json_atomic
+
+    record = {
+        "benchmark": benchmark.name,
+        "run": run,
+        "method": method or saved["method"],
+        "model": str(model_path),
+        "seed": saved["seed"],
+        "weights": saved["weights"],
+        "metrics": metrics,
+        "versions": {
+            "torch": torch.__version__,
+            **versions,
+            "pycocotools": importlib.metadata.version("pycocotools"),
+            "regioncl": regioncl.__version__,
+        },
+    }
+    write_json_atomic(out, record)
+    return record
+
+
 def load_finetuned_detector(model_path: Path, detector_format: str, benchmark: BenchmarkSettings) -> dict:
     """A finetuned detector file of either backend, checked to be ``detector_format`` and to
     have been finetuned on ``benchmark`` (evaluating it on another would score the wrong task)."""

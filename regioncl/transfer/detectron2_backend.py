@@ -23,7 +23,6 @@ backends`` does): detectron2 is optional and imported at the top here.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import logging
 import math
@@ -59,9 +58,12 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
-import regioncl
 from regioncl.io import atomic_path, write_json_atomic
-from regioncl.transfer.benchmarks import BenchmarkSettings, load_finetuned_detector
+from regioncl.transfer.benchmarks import (
+    BenchmarkSettings,
+    load_finetuned_detector,
+    write_metrics_record,
+)
 from regioncl.transfer.cityscapes_compat import LegacyNumpy, alias_cityscapes_scripts
 from regioncl.transfer.detectron2_config import (
     FORMAT_NUM_CLASSES,
@@ -347,20 +349,7 @@ def evaluate(
     scratch = contextlib.chdir(workdir) if benchmark.dataset.format == "cityscapes" else contextlib.nullcontext()
     with scratch:
         results = inference_on_dataset(model, build_detection_test_loader(cfg, val_name), evaluator)
-    record = {
-        "benchmark": benchmark.name,
-        "run": run,
-        "method": method or saved["method"],
-        "model": str(model_path),
-        "seed": saved["seed"],
-        "weights": saved["weights"],
-        "metrics": summary_metrics(results),
-        "versions": {
-            "torch": torch.__version__,
-            "detectron2": detectron2.__version__,
-            "pycocotools": importlib.metadata.version("pycocotools"),
-            "regioncl": regioncl.__version__,
-        },
-    }
-    write_json_atomic(out, record)
-    return record
+    return write_metrics_record(
+        out, benchmark, model_path, saved, summary_metrics(results), run=run, method=method,
+        versions={"detectron2": detectron2.__version__},
+    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.metadata
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,11 @@ import torchvision
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-import regioncl
-from regioncl.io import write_json_atomic
-from regioncl.transfer.benchmarks import BenchmarkSettings, load_finetuned_detector
+from regioncl.transfer.benchmarks import (
+    BenchmarkSettings,
+    load_finetuned_detector,
+    write_metrics_record,
+)
 from regioncl.transfer.coco_data import CocoDetection, load_coco
 from regioncl.transfer.torchvision_backend import (
     DETECTOR_FORMAT,
@@ -132,20 +133,8 @@ def evaluate(
             f"trained on {saved['category_ids']}"
         )
     detections = predict(model.to(device), data, benchmark.eval.batch_size, device)
-    record = {
-        "benchmark": benchmark.name,
-        "run": run,
-        "method": method or saved["method"],
-        "model": str(model_path),
-        "seed": saved["seed"],
-        "weights": saved["weights"],
-        "metrics": {t: coco_metrics(gt_json, detections, t) for t in benchmark.iou_types},
-        "versions": {
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "pycocotools": importlib.metadata.version("pycocotools"),
-            "regioncl": regioncl.__version__,
-        },
-    }
-    write_json_atomic(out, record)
-    return record
+    metrics = {t: coco_metrics(gt_json, detections, t) for t in benchmark.iou_types}
+    return write_metrics_record(
+        out, benchmark, model_path, saved, metrics, run=run, method=method,
+        versions={"torchvision": torchvision.__version__},
+    )
