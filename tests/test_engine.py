@@ -43,14 +43,7 @@ RUN = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # On a small shared CPU, torch's intra-op threads spin against other processes and make
-    # these tiny steps several times slower; one thread is also what each rank gets in CI.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _write_shards(directory: Path, num_images: int = 12, per_shard: int = 7) -> list[Path]:

@@ -12,12 +12,7 @@ from regioncl.methods.byol import Byol, ByolParams
 CROP = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _method(base_momentum: float = 0.99) -> Byol:

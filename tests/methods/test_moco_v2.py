@@ -10,14 +10,7 @@ from regioncl.methods.moco_v2 import MocoV2, MocoV2Params
 CROP = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # On a small shared CPU, torch's intra-op threads spin against other processes and make
-    # these tiny steps several times slower; one thread is also what each rank gets in CI.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _method(queue_size: int = 16, momentum: float = 0.9) -> MocoV2:
