@@ -26,7 +26,9 @@ include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/convert.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/probe.smk"
 include: "workflow/rules/tables.smk"
+include: "workflow/rules/curves.smk"
 
 
 # Shards and converted weights are targets too, not just intermediates: they are products
@@ -36,7 +38,9 @@ rule all:
     input:
         TABLES,
         PAPER_TABLES,
+        CURVE_PLOTS,
         PLAN.shards_of(PLAN.pretrain_dataset),
         f"results/proposals/{PLAN.pretrain_dataset}/stats.json",
         PLAN.converted_weights(),
+        PROBES,
     default_target: True

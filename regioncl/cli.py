@@ -80,14 +80,18 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     settings = PretrainSettings.from_dict(args.settings)
     # Checkpoints of other settings or data stay beside this run's, never resumed by it.
     workdir = args.workdir / run_identity(settings, args.shards)
-    pretrain(settings, args.shards, args.out, workdir)
+    pretrain(settings, args.shards, args.out, workdir, metrics=args.metrics)
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
     from regioncl.convert import convert_checkpoint
 
     report = convert_checkpoint(args.checkpoint, args.torchvision, args.detectron2)
-    print(report, file=sys.stderr)
+    print(
+        f"{report.method} {report.arch}: {report.torchvision_keys} tensors to {args.torchvision}, "
+        f"{report.detectron2_keys} to {args.detectron2}; {len(report.dropped)} dropped on purpose:",
+        *report.dropped, sep="\n  ", file=sys.stderr,
+    )
 
 
 def _weights(value: str) -> Path | None:
@@ -100,15 +104,44 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 
     launch_options = ("num_gpus", "num_machines", "machine_rank", "dist_url", "num_workers")
     launch = {name: getattr(args, name) for name in launch_options if getattr(args, name) is not None}
-    finetune(BenchmarkSettings.from_dict(args.settings), args.weights, args.seed, args.out, args.workdir, **launch)
+    finetune(
+        BenchmarkSettings.from_dict(args.settings), args.weights, args.seed, args.out, args.workdir,
+        metrics=args.metrics, **launch,
+    )
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from regioncl.transfer.backends import evaluate
     from regioncl.transfer.benchmarks import BenchmarkSettings
 
-    metrics = evaluate(BenchmarkSettings.from_dict(args.settings), args.model, args.out, run=args.run, method=args.method)
+    launch = {"num_gpus": args.num_gpus} if args.num_gpus is not None else {}
+    metrics = evaluate(
+        BenchmarkSettings.from_dict(args.settings), args.model, args.out, run=args.run, method=args.method, **launch
+    )
     print(json.dumps(metrics["metrics"], indent=2), file=sys.stderr)
+
+
+def _cmd_probe(args: argparse.Namespace) -> None:
+    from regioncl.probe import ProbeSettings, run_probe
+
+    settings = ProbeSettings.from_dict(args.settings, "probe --settings")
+    record = run_probe(args.weights, args.arch, args.data, args.out, settings, run=args.run, benchmark=args.benchmark)
+    print(f"probe accuracy {record['metrics']['probe']['accuracy']:.1f} % ({record['seconds']} s)", file=sys.stderr)
+
+
+def _cmd_curves(args: argparse.Namespace) -> None:
+    from regioncl.curves import write_curve_plots
+
+    # An empty file list reaches a rule's command as one empty word.
+    pretrain, finetune = ([path for path in paths if str(path)] for paths in (args.pretrain, args.finetune))
+    written = write_curve_plots(pretrain, finetune, args.out_dir)
+    print(f"{len(written)} plots written to {args.out_dir}", file=sys.stderr)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> None:
+    from regioncl.doctor import report
+
+    print(report())
 
 
 def _cmd_tables(args: argparse.Namespace) -> None:
@@ -168,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, default=1)
     p.add_argument("--workdir", type=Path, required=True, help="resumable checkpoints (not a workflow output)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--metrics", type=Path, help="per-step loss and lr (JSON lines), written with --out")
     p.set_defaults(func=_cmd_pretrain)
 
     p = stages.add_parser("convert", help="pretrained checkpoint to torchvision and detectron2 weights")
@@ -182,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--metrics", type=Path, help="per-iteration losses and lr (JSON lines), written with --out")
     launch = p.add_argument_group("detectron2 launch (detectron2 benchmarks only)")
     launch.add_argument("--num-gpus", type=int, help="GPUs per machine (0: CPU)")
     launch.add_argument("--num-machines", type=int)
@@ -195,8 +230,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--run", required=True)
     p.add_argument("--method", required=True)
+    p.add_argument("--num-gpus", type=int, help="detectron2 benchmarks: > 0 evaluates on the GPU (default: the CPU)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = stages.add_parser("probe", help="linear probe of frozen backbone features of a labeled split's boxes")
+    p.add_argument("--weights", type=_weights, required=True, help="converted weights (.tv.pth), or 'none' (random init)")
+    p.add_argument("--arch", required=True, help="the backbone, e.g. resnet18 (must match the weights)")
+    p.add_argument("--data", type=Path, required=True, help="a dataset in the embedded layout (train/ and val/ labeled)")
+    p.add_argument("--settings", type=_settings, default={}, help="regioncl.probe.ProbeSettings")
+    p.add_argument("--run", help="the run name the tables show (default: the weights' file stem, or 'random')")
+    p.add_argument("--benchmark", default="probe", help="the benchmark name the tables file the probe under")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_cmd_probe)
+
+    p = stages.add_parser("curves", help="per-step loss and lr logs to loss-curve plots")
+    p.add_argument("--pretrain", type=str, nargs="*", default=[], help="results/metrics/pretrain/<run>.jsonl")
+    p.add_argument("--finetune", type=str, nargs="*", default=[], help="results/metrics/finetune/<run>/<benchmark>/seed<n>.jsonl")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.set_defaults(func=_cmd_curves)
+
+    p = stages.add_parser("doctor", help="what this machine can run: torch/CUDA, GPUs, detectron2, SLURM")
+    p.set_defaults(func=_cmd_doctor)
 
     p = stages.add_parser("tables", help="metrics JSON files to the summary table")
     p.add_argument("--metrics", type=Path, nargs="+", required=True)

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from regioncl.data.layouts import DatasetSpec
+from regioncl.archs import ARCH_SHORT_NAMES
+from regioncl.data.layouts import SPLIT_PATHS, DatasetSpec
+from regioncl.resources import ClusterResources
 
-ARCH_SHORT_NAMES = {"resnet18": "r18", "resnet34": "r34", "resnet50": "r50", "resnet101": "r101"}
-EMBEDDED_OUTPUTS = ("dataset.json", "annotations/instances_train.json", "annotations/instances_val.json")
+EMBEDDED_OUTPUTS = ("dataset.json", SPLIT_PATHS["embedded"]["train_json"], SPLIT_PATHS["embedded"]["val_json"])
 
 
 class ConfigError(ValueError):
@@ -91,15 +92,18 @@ class WorkflowPlan:
         self.benchmarks = self._resolve_benchmarks(config.get("benchmarks", {}), finetune["benchmarks"])
         self.jobs = self._finetune_jobs(finetune)
 
-        self.resources: dict[str, dict[str, Any]] = config.get("resources", {})
+        threads = {"proposals": self.proposal_processes, "pretrain": self.pretrain_threads}
+        threads |= {"finetune": self.finetune_threads, "evaluate": self.finetune_threads}
+        try:
+            self.cluster = ClusterResources(config.get("resources", {}), threads)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
         self._validate_stage_settings()
+        if finetune.get("check_backends", True):
+            self._check_backends_installed()
         if check_datasets:
             for name in self._datasets_in_use():
                 self.datasets[name].check()
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> WorkflowPlan:
-        return cls(config)
 
     # -- resolution -------------------------------------------------------------------------
 
@@ -112,6 +116,9 @@ class WorkflowPlan:
         from regioncl.methods import available_methods
 
         implemented = available_methods()
+        unknown = sorted(set(methods) - set(implemented))
+        if unknown:
+            raise ConfigError(f"methods: {unknown} is not a registered method; registered: {implemented}")
         defaults = dict(pretrain.get("defaults", {}))
         runs: dict[str, RunSpec] = {}
         for index, entry in enumerate(pretrain.get("runs", [])):
@@ -138,9 +145,12 @@ class WorkflowPlan:
         return list(getattr(self, "baselines", []))
 
     def _resolve_benchmarks(self, defined: dict[str, Any], selected: list[str]) -> dict[str, dict[str, Any]]:
-        from regioncl.transfer.benchmarks import resolve_benchmark
+        from regioncl.transfer.registry import resolve_benchmark
 
         resolved = {}
+        # A benchmark's `methods`: the only methods (and baselines) finetuned on it, e.g. a
+        # backbone-only variant that differs from its protocol only for methods that transfer an FPN.
+        self._benchmark_methods: dict[str, list[str] | None] = {}
         for name in selected:
             if name not in defined:
                 raise ConfigError(
@@ -148,8 +158,21 @@ class WorkflowPlan:
                 )
             entry = dict(defined[name])
             dataset = self._known_dataset(entry.pop("dataset"), f"benchmarks.{name}.dataset")
-            resolved[name] = resolve_benchmark(name, entry, self.datasets[dataset])
+            self._benchmark_methods[name] = self._known_methods(entry.pop("methods", None), f"benchmarks.{name}.methods")
+            try:
+                resolved[name] = resolve_benchmark(name, entry, self.datasets[dataset])
+            except (TypeError, ValueError) as error:  # messages start with benchmarks.<name>.<key>
+                raise ConfigError(str(error)) from error
         return resolved
+
+    def _known_methods(self, methods: list[str] | None, key: str) -> list[str] | None:
+        from regioncl.methods import available_methods
+
+        known = available_methods() + self.baselines
+        unknown = [m for m in methods or [] if m not in known]
+        if unknown:
+            raise ConfigError(f"{key}: {unknown} is not a registered method or baseline; known: {known}")
+        return methods
 
     def _finetune_jobs(self, finetune: dict[str, Any]) -> list[FinetuneJob]:
         unknown = [b for b in self.baselines if b != "random"]
@@ -160,6 +183,8 @@ class WorkflowPlan:
         jobs = []
         for benchmark, settings in self.benchmarks.items():
             runs = self.baselines + [r.name for r in self.runs.values() if r.arch == settings["arch"]]
+            if self._benchmark_methods[benchmark] is not None:
+                runs = [run for run in runs if self.method_of(run) in self._benchmark_methods[benchmark]]
             # A registered protocol fixes its seeds (VOC: 5 runs, as the papers average);
             # otherwise the workflow's `finetune.seeds`.
             seeds = registered_seeds(settings) or finetune.get("seeds", [0])
@@ -184,6 +209,50 @@ class WorkflowPlan:
                 settings_type.from_dict(values)
             except (ValueError, TypeError, KeyError) as error:
                 raise ConfigError(f"{key}: {error}") from error
+        self._check_runs_fit_their_data()
+
+    def _check_runs_fit_their_data(self) -> None:
+        """What one stage's settings cannot see alone: a queue holds a global batch of keys, and
+        batches and chunks fit the images (where the image count is known before any job)."""
+        from regioncl.engine import PretrainSettings
+
+        dataset, chunks = self.pretrain_dataset, self._num_chunks[self.pretrain_dataset]
+        images = self._image_count(dataset)
+        if images is not None and chunks > images:
+            raise ConfigError(f"pretrain_data.chunks: {chunks} chunks of the {images} images of {dataset!r}; expected <= {images}")
+        for run in self.runs.values():
+            settings = PretrainSettings.from_dict(run.settings)
+            queue = getattr(settings.method_params, "queue_size", None)  # methods with a key queue
+            if queue is not None and queue < settings.batch_size:
+                raise ConfigError(
+                    f"pretrain run {run.name}: method_params.queue_size: {queue} cannot hold the "
+                    f"{settings.batch_size} keys of a global batch; expected >= batch_size ({settings.batch_size})"
+                )
+            images = self._image_count(run.dataset)
+            if images is not None and settings.batch_size > images:
+                raise ConfigError(
+                    f"pretrain run {run.name}: batch_size: {settings.batch_size} exceeds the {images} images "
+                    f"of {run.dataset!r}; expected <= {images}"
+                )
+
+    def _check_backends_installed(self) -> None:
+        """A benchmark whose backend is not installed fails now, not after days of pretraining."""
+        from regioncl.transfer.backends import missing_backends
+
+        missing = missing_backends({name: settings["backend"] for name, settings in self.benchmarks.items()})
+        if missing:
+            raise ConfigError("finetune.benchmarks: " + "; ".join(missing) + (
+                ". Or set finetune.check_backends: false to plan anyway (e.g. a dry run on a login "
+                "node whose GPU nodes have it); those jobs then fail when they run"
+            ))
+
+    def _image_count(self, dataset: str) -> int | None:
+        """Images a dataset will list, where known before listing it (the embedded set's)."""
+        if self.datasets[dataset].layout != "embedded":
+            return None
+        from regioncl.data.embedded import EmbeddedSettings
+
+        return EmbeddedSettings.from_dict(self.embedded_settings).n_unlabeled
 
     def _datasets_in_use(self) -> set[str]:
         used = {r.dataset for r in self.runs.values()}
@@ -243,9 +312,26 @@ class WorkflowPlan:
     def metrics_files(self) -> list[str]:
         return [f"{job.directory}/metrics.json" for job in self.jobs]
 
-    def resource(self, stage: str, key: str, default: Any) -> Any:
-        """A per-rule cluster resource from the config's `resources` section (else `default`)."""
-        return self.resources.get(stage, {}).get(key, self.resources.get("default", {}).get(key, default))
+    def rule_resources(self, rule: str) -> dict[str, Any]:
+        """A rule's Snakemake resources (regioncl.resources): every rule's come from here. A
+        benchmark on the one-GPU torchvision backend gets one GPU of the rule's count."""
+
+        def gpus_of_job(wildcards: Any) -> int:
+            return self.job_gpus(rule, wildcards.benchmark)
+
+        return self.cluster.slurm(rule, gpus_of_job if rule in ("finetune", "evaluate") else None)
+
+    def job_gpus(self, rule: str, benchmark: str) -> int:
+        """GPUs of one finetune or evaluate job: the rule's, at most 1 for a torchvision benchmark."""
+        gpus = self.cluster.gpus(rule)
+        return gpus if self.benchmarks[benchmark]["backend"] == "detectron2" else min(gpus, 1)
+
+    def gpu_args(self, rule: str, benchmark: str) -> str:
+        """Shell words giving a detectron2 job its GPU count ('' for torchvision, which uses
+        the GPU it sees: its benchmark's ``device: auto``)."""
+        if self.benchmarks[benchmark]["backend"] != "detectron2":
+            return ""
+        return shlex.join(["--num-gpus", str(self.job_gpus(rule, benchmark))])
 
     @staticmethod
     def quoted(settings: dict[str, Any]) -> str:

@@ -13,22 +13,20 @@ keys must exist with the same shape in torchvision's detection backbone. Any vio
 
 from __future__ import annotations
 
-import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torchvision
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-from regioncl.io import atomic_path
+from regioncl.weights import read_pretrained_checkpoint, write_detectron2_weights, write_torchvision_weights
 
-PRETRAINED_FORMAT = "regioncl.pretrained/1"
-TORCHVISION_FORMAT = "regioncl.torchvision/1"
-SUPPORTED_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 BN_PARAMS = "weight|bias|running_mean|running_var"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -109,17 +107,28 @@ DETECTRON2_FPN = (DROP_BN_COUNTER,) + tuple(
 )
 TORCHVISION_FPN = (DROP_BN_COUNTER, KeyRule(r"(?P<key>(inner|layer)_blocks\..+)", "backbone.fpn.{key}"))
 
-# SoCo's 4conv1fc box head, named as detectron2's FastRCNNConvFCHead names it (conv1..4 with
-# `.norm`, then fc1); it lives under `roi_heads.box_head.` in the detector. torchvision's
-# detectors here have a 2-fc head (TwoMLPHead), so the box head is dropped on purpose there
-# (listed in the report's `dropped`).
+# SoCo's 4conv1fc box head (regioncl.models.ConvFCBoxHead), named as detectron2's
+# FastRCNNConvFCHead names it (conv1..4, each with `.norm` or, without a norm, a bias; then fc1);
+# it lives under `roi_heads.box_head.` in the detector. torchvision's FastRCNNConvFCHead is a
+# Sequential of 4 Conv2dNormActivation (`.0` conv, `.1` norm), Flatten (4), Linear (5), ReLU.
 DETECTRON2_BOX_HEAD = (
     DROP_BN_COUNTER,
-    KeyRule(r"conv(?P<conv>[1-4])\.weight", "box_head.conv{conv}.weight"),
+    KeyRule(r"conv(?P<conv>[1-4])\.(?P<param>weight|bias)", "box_head.conv{conv}.{param}"),
     KeyRule(rf"conv(?P<conv>[1-4])\.norm\.(?P<param>{BN_PARAMS})", "box_head.conv{conv}.norm.{param}"),
     KeyRule(r"fc1\.(?P<param>weight|bias)", "box_head.fc1.{param}"),
 )
-TORCHVISION_BOX_HEAD = (KeyRule(r".*", None),)
+TORCHVISION_BOX_HEAD = (
+    DROP_BN_COUNTER,
+    *(
+        rule
+        for conv in range(1, 5)
+        for rule in (
+            KeyRule(rf"conv{conv}\.(?P<param>weight|bias)", f"roi_heads.box_head.{conv - 1}.0.{{param}}"),
+            KeyRule(rf"conv{conv}\.norm\.(?P<param>{BN_PARAMS})", f"roi_heads.box_head.{conv - 1}.1.{{param}}"),
+        )
+    ),
+    KeyRule(r"fc1\.(?P<param>weight|bias)", "roi_heads.box_head.5.{param}"),
+)
 
 # target framework -> transferred module ("backbone", or a name in the checkpoint's
 # `transfer` dict such as "fpn" / "box_head") -> rules.
@@ -127,6 +136,37 @@ KEY_MAPS: dict[str, dict[str, tuple[KeyRule, ...]]] = {
     "torchvision": {"backbone": TORCHVISION_BACKBONE, "fpn": TORCHVISION_FPN, "box_head": TORCHVISION_BOX_HEAD},
     "detectron2": {"backbone": DETECTRON2_BACKBONE, "fpn": DETECTRON2_FPN, "box_head": DETECTRON2_BOX_HEAD},
 }
+
+# Where each transferred module's tensors land in each target's converted weights (the prefixes
+# of the templates above); any other key is the backbone's.
+MODULE_PREFIXES: dict[str, dict[str, str]] = {
+    "torchvision": {"fpn": "backbone.fpn.", "box_head": "roi_heads.box_head."},
+    "detectron2": {"fpn": "fpn_", "box_head": "box_head."},
+}
+
+
+def module_of(key: str, target: str) -> str:
+    """The transferred module ("backbone", "fpn", "box_head") a converted ``target`` key belongs to."""
+    return next((module for module, prefix in MODULE_PREFIXES[target].items() if key.startswith(prefix)), "backbone")
+
+
+# A key of an FPN norm layer in each target's converted weights.
+FPN_NORM_KEYS = {
+    "torchvision": re.compile(r"backbone\.fpn\.(inner|layer)_blocks\.\d+\.1\..+"),
+    "detectron2": re.compile(r"fpn_(lateral|output)\d\.norm\..+"),
+}
+
+
+def has_fpn_norm(keys: Collection[str], target: str) -> bool:
+    """Whether the FPN among converted ``target`` keys has norm layers after its convs."""
+    return any(FPN_NORM_KEYS[target].fullmatch(key) for key in keys)
+
+
+def select_modules(state: Mapping[str, T], target: str, modules: Collection[str]) -> tuple[dict[str, T], list[str]]:
+    """(the converted ``state``'s entries of ``modules``, the keys of the others), e.g. a detector's
+    ``BenchmarkSettings.pretrained_modules``: a 2fc detector leaves SoCo's 4conv1fc box head out."""
+    kept = {key: value for key, value in state.items() if module_of(key, target) in modules}
+    return kept, sorted(set(state) - set(kept))
 
 
 class ConversionError(ValueError):
@@ -195,21 +235,6 @@ def without_bn_counters(state: Mapping[str, object]) -> dict[str, object]:
     return {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
 
 
-def load_pretrained(checkpoint: Path) -> dict:
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != PRETRAINED_FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ConversionError(f"{checkpoint}: format is {found!r}, expected {PRETRAINED_FORMAT!r}")
-    for field in ("method", "arch", "backbone", "transfer"):
-        if field not in ckpt:
-            raise ConversionError(f"{checkpoint}: missing field {field!r}")
-    if ckpt["arch"] not in SUPPORTED_ARCHS:
-        raise ConversionError(
-            f"{checkpoint}: arch {ckpt['arch']!r} is not one of {', '.join(SUPPORTED_ARCHS)}"
-        )
-    return ckpt
-
-
 def convert_modules(
     modules: Mapping[str, Mapping[str, torch.Tensor]], target: str
 ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
@@ -241,7 +266,7 @@ def convert_checkpoint(
     Raises ``ConversionError`` (nothing written) if any tensor is missing, unexpected, has the
     wrong shape, or has no rule in ``KEY_MAPS``.
     """
-    ckpt = load_pretrained(checkpoint)
+    ckpt = read_pretrained_checkpoint(checkpoint)
     arch = ckpt["arch"]
     modules = {"backbone": ckpt["backbone"], **ckpt["transfer"]}
 
@@ -260,26 +285,16 @@ def convert_checkpoint(
     if problems:
         raise ConversionError(f"{checkpoint}: cannot convert:\n  " + "\n  ".join(problems))
 
-    with atomic_path(torchvision_out) as tmp:
-        torch.save(
-            {
-                "format": TORCHVISION_FORMAT,
-                "arch": arch,
-                "method": ckpt["method"],
-                "state_dict": {k: v.contiguous() for k, v in tv_state.items()},
-            },
-            tmp,
-        )
+    write_torchvision_weights(torchvision_out, arch=arch, method=ckpt["method"], state_dict=tv_state)
     d2_weights = {
-        "model": {k: v.detach().cpu().numpy() for k, v in d2_state.items()},
+        "model": d2_state,
         "__author__": "regioncl",
         "matching_heuristics": True,
         # detectron2's checkpointer returns unknown keys untouched; the backend records them
         "method": ckpt["method"],
         "arch": arch,
     }
-    with atomic_path(detectron2_out) as tmp, open(tmp, "wb") as f:
-        pickle.dump(d2_weights, f)
+    write_detectron2_weights(detectron2_out, d2_weights)
     return ConversionReport(
         arch=arch,
         method=ckpt["method"],

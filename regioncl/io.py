@@ -1,7 +1,8 @@
 """Atomic file writing: a killed job never leaves a file that looks complete.
 
 Every writer in regioncl writes to a temporary name in the destination's directory and
-renames it into place (``os.replace`` is atomic on POSIX within one filesystem).
+renames it into place (``os.replace`` is atomic on POSIX within one filesystem). ``read_json``
+is the reading side's counterpart for JSON inputs: a broken file is an error naming it.
 """
 
 from __future__ import annotations
@@ -86,3 +87,15 @@ def write_text_atomic(dest: str | os.PathLike[str], text: str) -> None:
 
 def write_json_atomic(dest: str | os.PathLike[str], obj: Any) -> None:
     write_text_atomic(dest, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Parse a JSON file whole; a malformed or truncated one raises ValueError naming the file,
+    line and column (json's own message names no file)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text, so not JSON ({error})") from error

@@ -1,8 +1,14 @@
 """Fixtures shared by test modules in several folders (the workflow tests keep their own
 helpers in tests/workflow/conftest.py)."""
 
+import os
+from collections.abc import Callable
+
 import pytest
 import torch
+
+# Set by .ci/run: CI has every resource the suite needs, so a missing one is a failure there.
+STRICT_SKIPS = os.environ.get("REGIONCL_STRICT_SKIPS") == "1"
 
 
 @pytest.fixture(scope="module")
@@ -14,3 +20,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def require_resource() -> Callable[[bool, str], None]:
+    """``require_resource(available, reason)`` for what a developer's machine may lack but CI
+    must have (a running SLURM cluster, ``../shared/specs``): skip with ``reason`` when it is not
+    ``available``, and fail instead under ``REGIONCL_STRICT_SKIPS=1``, so CI cannot pass by
+    skipping. Optional packages (detectron2) and GPUs keep plain skips."""
+
+    def require(available: bool, reason: str) -> None:
+        if available:
+            return
+        if STRICT_SKIPS:
+            pytest.fail(f"{reason} (REGIONCL_STRICT_SKIPS=1: CI must not skip this)", pytrace=False)
+        pytest.skip(reason)
+
+    return require

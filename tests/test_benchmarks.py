@@ -10,13 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from regioncl.data.layouts import DatasetSpec
-from regioncl.transfer.benchmarks import BenchmarkSettings, resolve_benchmark
+from regioncl.transfer.benchmarks import BenchmarkSettings
 from regioncl.transfer.detectron2_config import (
     FORMAT_NUM_CLASSES,
     dataset_names,
     detectron2_options,
 )
-from regioncl.transfer.registry import RegistryError, load_registry
+from regioncl.transfer.registry import RegistryError, load_registry, resolve_benchmark
 from regioncl.transfer.subsets import (
     coco_subset,
     sample_image_ids,
@@ -225,9 +225,8 @@ def test_unknown_protocol_lists_the_registered_ones():
 @pytest.mark.parametrize(
     ("override", "named"),
     [
-        ({"fpn_norm": "syncbn"}, "fpn_norm"),
-        ({"box_head": "4conv1fc"}, "box_head"),
-        ({"model": "retinanet", "fpn_norm": "bn"}, "fpn_norm"),
+        ({"sampler": "repeat_factor"}, "sampler"),
+        ({"model": "retinanet", "input": {"min_size_sampling": "range", "min_size": [640, 800]}}, "input.min_size_sampling"),
         ({"fpn": False, "arch": "resnet50"}, "fpn"),
         ({"precise_bn": True}, "precise_bn"),
         ({"input": {"min_size_test": 600}}, "input.min_size_test"),
@@ -305,9 +304,9 @@ def test_subset_keeps_whole_images_with_all_their_annotations(tmp_path):
 def test_paper_protocol_runs_on_torchvision_only_when_the_approximation_is_explicit():
     spec = DatasetSpec(name="coco", layout="coco", root=Path("/coco"))
     entry = {"protocol": "coco_mrcnn_r50fpn_1x", "backend": "torchvision"}
-    with pytest.raises(ValueError, match=r"fpn_norm: 'syncbn' needs backend 'detectron2'"):
+    with pytest.raises(ValueError, match=r"precise_bn: True needs backend 'detectron2'"):
         BenchmarkSettings.from_dict(resolve_benchmark("x", entry, spec))
-    explicit = {**entry, "fpn_norm": "none", "precise_bn": False}
+    explicit = {**entry, "precise_bn": False}  # its SyncBN FPN and 2fc head the torchvision backend builds
     resolved = BenchmarkSettings.from_dict(resolve_benchmark("x", explicit, spec))
     assert resolved.backend == "torchvision" and resolved.solver.iterations == 90000
 

@@ -11,21 +11,27 @@ import pytest
 import torch
 import torchvision
 
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+
 from regioncl.convert import (
     DETECTRON2_BACKBONE,
     DETECTRON2_BOX_HEAD,
     DETECTRON2_FPN,
     TORCHVISION_BACKBONE,
+    TORCHVISION_BOX_HEAD,
     TORCHVISION_FPN,
     ConversionError,
     convert_checkpoint,
     map_keys,
 )
+from regioncl.models import FPN, ConvFCBoxHead
 from regioncl.transfer.benchmarks import BenchmarkSettings
 from regioncl.transfer.torchvision_backend import (
     build_detector,
     load_pretrained_weights,
 )
+from regioncl.weights import WeightsFormatError
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,7 +177,7 @@ def test_unexpected_key_and_unmapped_module_are_named(tmp_path: Path) -> None:
 def test_wrong_format_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "ckpt.pt"
     torch.save({"format": "something/else"}, path)
-    with pytest.raises(ConversionError, match="expected 'regioncl.pretrained/1'"):
+    with pytest.raises(WeightsFormatError, match="expected 'regioncl.pretrained/1'"):
         convert_checkpoint(path, tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
 
 
@@ -233,7 +239,7 @@ def test_soco_box_head_maps_to_detectron2_box_head_names() -> None:
     assert renamed["box_head.fc1.weight"].shape == (64, 32 * 49)
 
 
-def test_soco_checkpoint_transfers_fpn_and_head_to_detectron2_only(tmp_path: Path) -> None:
+def test_soco_checkpoint_transfers_fpn_and_head_to_both_targets(tmp_path: Path) -> None:
     transfer = {"fpn": fpn_state([64, 128, 256, 512], normalised=True), "box_head": soco_box_head_state()}
     ckpt = write_pretrained(tmp_path / "ckpt.pt", "resnet18", resnet_backbone("resnet18"), transfer)
     report = convert_checkpoint(ckpt, tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
@@ -241,7 +247,82 @@ def test_soco_checkpoint_transfers_fpn_and_head_to_detectron2_only(tmp_path: Pat
         model = pickle.load(f)["model"]
     assert {"fpn_lateral2.norm.running_var", "fpn_output5.weight", "box_head.conv4.weight", "box_head.fc1.bias"} <= set(model)
     tv_keys = torch.load(tmp_path / "w.tv.pth", weights_only=True)["state_dict"]
-    assert "backbone.fpn.inner_blocks.0.1.weight" in tv_keys
-    assert not any(k.startswith("box_head") for k in tv_keys)
-    assert "box_head.fc1.weight" in report.dropped  # torchvision's 2fc head cannot take it
-    assert report.detectron2_keys == report.torchvision_keys + 4 * 5 + 2
+    expected_tv = {"backbone.fpn.inner_blocks.0.1.weight", "roi_heads.box_head.3.1.running_var", "roi_heads.box_head.5.weight"}
+    assert expected_tv <= set(tv_keys)
+    assert report.detectron2_keys == report.torchvision_keys
+
+
+# --- the region toolkit's modules convert to both detectors' names ---------------------------
+
+def _convert(module: torch.nn.Module, rules, prefix: str) -> dict[str, torch.Tensor]:
+    """``module``'s state dict renamed by ``rules`` with ``prefix`` stripped; every key mapped."""
+    renamed, dropped, unmapped = map_keys(module.state_dict(), rules)
+    assert not unmapped and all(k.endswith("num_batches_tracked") for k in dropped)
+    assert all(k.startswith(prefix) for k in renamed)
+    return {k[len(prefix):]: v for k, v in renamed.items()}
+
+
+def _randomize_norms(module: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial BN statistics and affine parameters, so a misplaced tensor changes the output."""
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                for tensor in (layer.weight, layer.bias, layer.running_mean):
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator))
+                layer.running_var.copy_(torch.rand(layer.running_var.shape, generator=generator) + 0.5)
+    return module.eval()
+
+
+@pytest.mark.parametrize("norm", ["bn", "none"])
+def test_regioncl_fpn_loads_into_torchvisions_fpn_and_computes_the_same_pyramid(norm: str) -> None:
+    channels = {"c2": 64, "c3": 128, "c4": 256, "c5": 512}  # resnet18
+    fpn = _randomize_norms(FPN(channels, 32, norm=norm))
+    reference = torchvision.ops.FeaturePyramidNetwork(
+        list(channels.values()), 32, norm_layer=torch.nn.BatchNorm2d if norm == "bn" else None
+    ).eval()
+    reference.load_state_dict(_convert(fpn, TORCHVISION_FPN, "backbone.fpn."), strict=True)
+    stages = {name: torch.randn(1, c, 64 >> int(name[1]), 64 >> int(name[1])) for name, c in channels.items()}
+    with torch.no_grad():
+        ours, theirs = fpn(stages), reference(stages)
+    for level in (2, 3, 4, 5):
+        torch.testing.assert_close(ours[f"p{level}"], theirs[f"c{level}"])
+    # and torchvision's detection FPN (resnet_fpn_backbone: C2-C5) has exactly these names
+    detection = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=torch.nn.BatchNorm2d)
+    detection.fpn = reference
+    expected = {f"backbone.fpn.{k}" for k in detection.fpn.state_dict() if not k.endswith("num_batches_tracked")}
+    assert set(map_keys(fpn.state_dict(), TORCHVISION_FPN)[0]) == expected
+
+
+def test_an_fpn_from_c3_keeps_stage_names_in_both_targets() -> None:
+    fpn = FPN({"c2": 64, "c3": 128, "c4": 256, "c5": 512}, 32, in_levels=(3, 4, 5), out_levels=(3, 4), norm="bn")
+    d2, dropped, unmapped = map_keys(fpn.state_dict(), DETECTRON2_FPN)
+    assert not unmapped and len(dropped) == 5
+    # ReSim's released converter: fpn_lateral{3,4,5}, fpn_output{3,4}
+    assert {k.split(".")[0] for k in d2} == {"fpn_lateral3", "fpn_lateral4", "fpn_lateral5", "fpn_output3", "fpn_output4"}
+    assert d2["fpn_lateral3.weight"].shape == (32, 128, 1, 1)
+    tv, _, _ = map_keys(fpn.state_dict(), TORCHVISION_FPN)
+    # In a C2-C5 torchvision FPN, index l - 2 is stage l: C3's lateral is inner_blocks.1
+    assert tv["backbone.fpn.inner_blocks.1.0.weight"].shape == (32, 128, 1, 1)
+    assert not any(k.startswith(("backbone.fpn.inner_blocks.0", "backbone.fpn.layer_blocks.3")) for k in tv)
+
+
+@pytest.mark.parametrize("norm", ["bn", "none"])
+def test_box_head_loads_into_torchvisions_4conv1fc_head_and_computes_the_same_features(norm: str) -> None:
+    head = _randomize_norms(ConvFCBoxHead(16, conv_dim=16, fc_dim=24, input_size=7, norm=norm))
+    reference = FastRCNNConvFCHead((16, 7, 7), [16] * 4, [24], norm_layer=torch.nn.BatchNorm2d if norm == "bn" else None)
+    reference.load_state_dict(_convert(head, TORCHVISION_BOX_HEAD, "roi_heads.box_head."), strict=True)
+    x = torch.randn(3, 16, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), reference.eval()(x))
+
+
+@pytest.mark.parametrize("norm", ["bn", "none"])
+def test_box_head_maps_to_detectron2s_fast_rcnn_conv_fc_head_names(norm: str) -> None:
+    head = ConvFCBoxHead(16, conv_dim=16, fc_dim=24, norm=norm)
+    renamed, dropped, unmapped = map_keys(head.state_dict(), DETECTRON2_BOX_HEAD)
+    assert not unmapped
+    per_conv = ("norm.weight", "norm.bias", "norm.running_mean", "norm.running_var") if norm == "bn" else ("bias",)
+    expected = {f"box_head.conv{k}.{suffix}" for k in range(1, 5) for suffix in ("weight", *per_conv)}
+    assert set(renamed) == expected | {"box_head.fc1.weight", "box_head.fc1.bias"}
+    assert torch.equal(renamed["box_head.conv3.weight"], head.conv3.weight)

@@ -27,8 +27,10 @@ from regioncl.convert import convert_checkpoint
 from regioncl.data.embedded import EmbeddedSettings, generate_embedded
 from regioncl.data.layouts import DatasetSpec
 from regioncl.transfer import detectron2_backend
-from regioncl.transfer.benchmarks import BenchmarkSettings, resolve_benchmark
+from regioncl.transfer.benchmarks import BenchmarkSettings
 from regioncl.transfer.detectron2_config import dataset_names, detectron2_options
+from regioncl.transfer.identity import finetune_identity
+from regioncl.transfer.registry import resolve_benchmark
 
 FIXTURE_COCO = Path(__file__).parent / "fixtures" / "datasets" / "coco"
 # Smallest settings that still run every part of a detector on the CPU: few RoIs (the C4 head
@@ -236,7 +238,9 @@ class Killed(RuntimeError):
 def test_killed_finetune_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, embedded_root, weights):
     bench = embedded_benchmark("fpn", embedded_root, model="faster_rcnn",
                                solver={**CPU_SOLVER, "iterations": 3, "checkpoint_every": 1})
-    work, model_path = tmp_path / "work", tmp_path / "model.pt"
+    model_path = tmp_path / "model.pt"
+    # the backend's checkpoints live in the run's identity directory under the workdir
+    work = tmp_path / "work" / finetune_identity(bench, 0, weights, detectron2_backend.RESUME_MAY_CHANGE)["key"]
     log = work / "log.txt"
     finetune = detectron2_backend.finetune
     run_step = detectron2_backend.BenchmarkTrainer.run_step
@@ -248,19 +252,19 @@ def test_killed_finetune_resumes_from_its_last_checkpoint(tmp_path, monkeypatch,
 
     monkeypatch.setattr(detectron2_backend.BenchmarkTrainer, "run_step", run_step_until_killed)
     with pytest.raises(Killed):
-        finetune(bench, weights, 0, model_path, work, num_workers=0)
+        finetune(bench, weights, 0, model_path, tmp_path / "work", num_workers=0)
     assert not model_path.exists()
     assert (work / "last_checkpoint").read_text() == "model_0000001.pth"
     monkeypatch.undo()
 
-    finetune(bench, weights, 0, model_path, work, num_workers=0)
+    finetune(bench, weights, 0, model_path, tmp_path / "work", num_workers=0)
     assert "Starting training from iteration 2" in log.read_text()
     final = torch.load(work / "model_final.pth", weights_only=False)
     assert final["iteration"] == 2  # 0-based: the third and last iteration ran in the second run
 
     # a finished run resumes to nothing more and leaves the same weights
     before = torch.load(model_path, weights_only=True)["model"]
-    finetune(bench, weights, 0, model_path, work, num_workers=0)
+    finetune(bench, weights, 0, model_path, tmp_path / "work", num_workers=0)
     assert log.read_text().count("Starting training from iteration 3") == 1
     after = torch.load(model_path, weights_only=True)["model"]
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -277,8 +281,9 @@ def test_options_merge_into_detectron2_defaults():
 
 def test_workdir_of_another_run_is_refused(tmp_path):
     bench = benchmark("fpn", model="faster_rcnn")
-    (tmp_path / "work").mkdir()
-    (tmp_path / "work" / "identity.json").write_text(json.dumps({"benchmark": "other", "seed": 0, "weights": "none"}))
+    run_dir = tmp_path / "work" / finetune_identity(bench, 0, None, detectron2_backend.RESUME_MAY_CHANGE)["key"]
+    run_dir.mkdir(parents=True)
+    (run_dir / "identity.json").write_text(json.dumps({"benchmark": "other", "seed": 0, "key": "0123456789ab"}))
     with pytest.raises(ValueError, match=r"holds checkpoints of .*'other'"):
         detectron2_backend.finetune(bench, None, 0, tmp_path / "m.pt", tmp_path / "work", num_workers=0)
 

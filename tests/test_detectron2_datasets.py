@@ -19,9 +19,9 @@ from test_detectron2 import CPU_SETTINGS, assert_scored, converted_weights
 
 from regioncl.data.layouts import DatasetSpec
 from regioncl.transfer import detectron2_backend
-from regioncl.transfer.benchmarks import BenchmarkSettings, resolve_benchmark
+from regioncl.transfer.benchmarks import BenchmarkSettings
 from regioncl.transfer.detectron2_config import dataset_names
-from regioncl.transfer.registry import load_registry
+from regioncl.transfer.registry import load_registry, resolve_benchmark
 
 FIXTURE_DATASETS = Path(__file__).parent / "fixtures" / "datasets"
 # The registry's settings, with CPU sizes (test_detectron2.CPU_SETTINGS) and without precise

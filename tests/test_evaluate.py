@@ -12,10 +12,11 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from regioncl.transfer.evaluate import METRIC_NAMES, coco_metrics, to_coco_detections
+from regioncl.transfer.torchvision_eval import METRIC_NAMES, coco_metrics, to_coco_detections
 
 HEIGHT = WIDTH = 200
 # (image_id, category_id, x, y, w, h): small (< 32^2), medium and large (> 96^2) objects.
@@ -192,7 +193,8 @@ def test_cityscapes_alias_names_the_missing_package(monkeypatch) -> None:
 def test_detector_file_of_another_benchmark_or_format_is_refused_by_name(tmp_path: Path) -> None:
     import torch
 
-    from regioncl.transfer.benchmarks import BenchmarkSettings, load_finetuned_detector
+    from regioncl.transfer.benchmarks import BenchmarkSettings
+    from regioncl.transfer.records import load_finetuned_detector
 
     benchmark = BenchmarkSettings.from_dict({"name": "voc", "dataset": {"root": str(tmp_path)}})
     path = tmp_path / "model.pt"
@@ -203,3 +205,87 @@ def test_detector_file_of_another_benchmark_or_format_is_refused_by_name(tmp_pat
         load_finetuned_detector(path, "regioncl.detector_d2/1", benchmark)
     torch.save({"format": "regioncl.detector/1", "benchmark": "voc"}, path)
     assert load_finetuned_detector(path, "regioncl.detector/1", benchmark)["benchmark"] == "voc"
+
+
+# --- The whole evaluation path (regioncl.transfer.torchvision_backend.evaluate) with an oracle detector ---
+# Category ids that are not 1..K: a label <-> category mix-up cannot score by luck.
+ORACLE_CATEGORIES = {1: 3, 2: 7}  # GT_BOXES' class -> COCO category id in the oracle's dataset
+
+
+@pytest.fixture(scope="module")
+def oracle_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A COCO val split of GT_BOXES: images val/<id>.png whose every pixel holds the image id."""
+    root = tmp_path_factory.mktemp("oracle_coco")
+    (root / "val").mkdir()
+    (root / "annotations").mkdir()
+    for image_id in (1, 2, 3):
+        Image.fromarray(np.full((HEIGHT, WIDTH, 3), image_id, np.uint8)).save(root / "val" / f"{image_id}.png")
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": WIDTH, "height": HEIGHT} for i in (1, 2, 3)],
+        "categories": [{"id": c, "name": f"c{c}"} for c in sorted(ORACLE_CATEGORIES.values())],
+        "annotations": [
+            {"id": n, "image_id": i, "category_id": ORACLE_CATEGORIES[c], "bbox": [x, y, w, h], "area": w * h,
+             "iscrowd": 0, "segmentation": rectangle_rle(x, y, w, h)}
+            for n, (i, c, x, y, w, h) in enumerate(GT_BOXES, start=1)
+        ],
+    }
+    (root / "annotations" / "instances_val.json").write_text(json.dumps(coco))
+    return root
+
+
+class OracleDetector(torch.nn.Module):
+    """Returns each image's ground truth in torchvision's output format (boxes x1y1x2y2 in image
+    pixels, labels 1..K in order of COCO category id, scores, masks (N, 1, H, W) probabilities),
+    or nothing at all. It knows an image by the id in its pixels, not by the order of the calls."""
+
+    def __init__(self, gt_json: Path, *, silent: bool) -> None:
+        super().__init__()
+        coco = json.loads(gt_json.read_text())
+        labels = {c: label for label, c in enumerate(sorted(c["id"] for c in coco["categories"]), start=1)}
+        self.truth: dict[int, list[tuple[list[float], int, np.ndarray]]] = {i["id"]: [] for i in coco["images"]}
+        for a in coco["annotations"]:
+            x, y, w, h = a["bbox"]
+            mask = mask_util.decode(a["segmentation"])  # (H, W) uint8
+            self.truth[a["image_id"]].append(([x, y, x + w, y + h], labels[a["category_id"]], mask))
+        self.silent = silent
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        outputs = []
+        for image in images:  # (3, H, W) in 0..1
+            objects = [] if self.silent else self.truth[round(image[0, 0, 0].item() * 255)]
+            masks = np.stack([mask for _, _, mask in objects]) if objects else np.zeros((0, HEIGHT, WIDTH))
+            outputs.append({
+                "boxes": torch.tensor([box for box, _, _ in objects], dtype=torch.float32).reshape(-1, 4),
+                "labels": torch.tensor([label for _, label, _ in objects], dtype=torch.int64),
+                "scores": torch.ones(len(objects)),
+                "masks": torch.from_numpy(masks).float()[:, None],  # (N, 1, H, W) probabilities
+            })
+        return outputs
+
+
+@pytest.mark.parametrize(("silent", "expected"), [(False, 100.0), (True, 0.0)], ids=["ground_truth", "nothing"])
+def test_evaluating_a_detector_that_returns_the_ground_truth_gives_100_and_one_that_returns_nothing_0(
+    oracle_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, silent: bool, expected: float
+) -> None:
+    from regioncl.transfer import torchvision_backend
+    from regioncl.transfer.benchmarks import BenchmarkSettings
+    from regioncl.transfer.torchvision_backend import DETECTOR_FORMAT
+
+    benchmark = BenchmarkSettings.from_dict(
+        {"name": "oracle", "dataset": {"root": str(oracle_dataset)}, "device": "cpu", "model": "mask_rcnn",
+         "arch": "resnet18", "eval": {"batch_size": 2}}
+    )
+    model_path = tmp_path / "model.pt"
+    torch.save(
+        {"format": DETECTOR_FORMAT, "benchmark": "oracle", "state_dict": {}, "seed": 0, "weights": None,
+         "method": "random", "category_ids": sorted(ORACLE_CATEGORIES.values())},
+        model_path,
+    )
+    # Only the network is swapped: loading the file, the dataset, predict, the COCO conversion,
+    # COCOeval and the record are the real path.
+    oracle = OracleDetector(benchmark.dataset.path("val_json"), silent=silent)
+    monkeypatch.setattr(torchvision_backend, "build_detector", lambda settings, num_classes: oracle)
+    record = torchvision_backend.evaluate(benchmark, model_path, tmp_path / "metrics.json", run="oracle")
+    for iou_type in ("bbox", "segm"):
+        assert record["metrics"][iou_type] == {name: pytest.approx(expected) for name in METRIC_NAMES}, iou_type
+    assert json.loads((tmp_path / "metrics.json").read_text())["metrics"] == record["metrics"]

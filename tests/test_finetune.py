@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +19,22 @@ from PIL import Image
 
 from regioncl.convert import convert_checkpoint
 from regioncl.data.layouts import DatasetSpec
-from regioncl.transfer.benchmarks import BenchmarkSettings, resolve_benchmark
+from regioncl.transfer.benchmarks import BenchmarkSettings
 from regioncl.transfer.coco_data import CocoDetection, hflip
-from regioncl.transfer.evaluate import evaluate
+from regioncl.transfer import torchvision_backend
+from regioncl.transfer.identity import finetune_identity
+from regioncl.transfer.registry import resolve_benchmark
 from regioncl.transfer.torchvision_backend import (
+    RESUME_MAY_CHANGE,
     batch_indices,
     build_detector,
+    evaluate,
     finetune,
     load_pretrained_weights,
     lr_at,
     select_device,
 )
+from regioncl.weights import UnsafeWeightsError, read_detectron2_weights
 
 CATEGORIES = [{"id": 3, "name": "square"}, {"id": 7, "name": "disc"}]
 
@@ -149,10 +155,10 @@ def test_device_is_the_torchvision_backends_setting() -> None:
 def test_torchvision_builds_retinanet_but_names_what_it_cannot_honour() -> None:
     retinanet = {"name": "b", "dataset": {"root": "."}, "backend": "torchvision", "model": "retinanet", "arch": "resnet18"}
     assert BenchmarkSettings.from_dict(retinanet).iou_types == ("bbox",)
-    with pytest.raises(ValueError, match=r"head_norm: 'bn' needs backend 'detectron2'"):
-        BenchmarkSettings.from_dict({**retinanet, "head_norm": "bn"})
-    with pytest.raises(ValueError, match=r"fpn_norm: 'syncbn' needs backend 'detectron2'"):
-        BenchmarkSettings.from_dict({**retinanet, "fpn_norm": "syncbn"})
+    with pytest.raises(ValueError, match=r"precise_bn: True needs backend 'detectron2'"):
+        BenchmarkSettings.from_dict({**retinanet, "precise_bn": True})
+    with pytest.raises(ValueError, match=r"sampler: 'repeat_factor' needs backend 'detectron2'"):
+        BenchmarkSettings.from_dict({**retinanet, "sampler": "repeat_factor"})
 
 
 def test_resolved_benchmark_round_trips_through_json() -> None:
@@ -224,12 +230,41 @@ def test_finetune_writes_the_detector(straight_run: Path, pretrained_weights: Pa
     assert saved["state_dict"]["roi_heads.box_predictor.cls_score.weight"].shape == (3, 32)
 
 
-def assert_resumed_run_equals(straight_run: Path, benchmark: BenchmarkSettings, weights: Path, tmp_path: Path) -> None:
-    """Stopping ``benchmark`` half-way and resuming it gives ``straight_run``'s exact weights."""
+@pytest.fixture
+def counted_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The iterations the torchvision backend trains from now on (how much work a run did)."""
+    iterations: list[int] = []
+    train_step = torchvision_backend.train_step
+
+    def counting(model, optimizer, images, targets, iteration):
+        iterations.append(iteration)
+        return train_step(model, optimizer, images, targets, iteration)
+
+    monkeypatch.setattr(torchvision_backend, "train_step", counting)
+    return iterations
+
+
+def checkpoints_in(workdir: Path) -> dict[str, int]:
+    """Identity directory -> iteration of its last checkpoint."""
+    return {
+        path.parent.name: torch.load(path, weights_only=True)["iteration"]
+        for path in sorted(workdir.glob("*/checkpoint_last.pt"))
+    }
+
+
+def assert_resumed_run_equals(
+    straight_run: Path, benchmark: BenchmarkSettings, weights: Path, tmp_path: Path, counted_steps: list[int], capsys
+) -> None:
+    """Stopping ``benchmark`` half-way and resuming it gives ``straight_run``'s exact weights,
+    training only the iterations left, and says where it resumed."""
     workdir = tmp_path / "work"
     finetune(with_iterations(benchmark, 2), weights, 5, tmp_path / "half.pt", workdir)
-    assert torch.load(workdir / "checkpoint_last.pt", weights_only=True)["iteration"] == 2
+    assert list(checkpoints_in(workdir).values()) == [2]
+    capsys.readouterr()
+    counted_steps.clear()
     finetune(benchmark, weights, 5, tmp_path / "model.pt", workdir)
+    assert "finetune tiny seed 5: resuming from iteration 2" in capsys.readouterr().err
+    assert counted_steps == [2, 3]
     resumed = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
     straight = torch.load(straight_run, weights_only=True)["state_dict"]
     half = torch.load(tmp_path / "half.pt", weights_only=True)["state_dict"]
@@ -239,17 +274,94 @@ def assert_resumed_run_equals(straight_run: Path, benchmark: BenchmarkSettings, 
 
 
 def test_resumed_run_equals_the_uninterrupted_one(
-    straight_run: Path, tiny_coco: Path, pretrained_weights: Path, tmp_path: Path
+    straight_run: Path, tiny_coco: Path, pretrained_weights: Path, tmp_path: Path, counted_steps, capsys
 ) -> None:
-    assert_resumed_run_equals(straight_run, tiny_benchmark(tiny_coco), pretrained_weights, tmp_path)
+    assert_resumed_run_equals(straight_run, tiny_benchmark(tiny_coco), pretrained_weights, tmp_path, counted_steps, capsys)
 
 
-def test_resume_refuses_a_checkpoint_of_another_seed(
-    straight_run: Path, tiny_coco: Path, pretrained_weights: Path, tmp_path: Path
+def test_identity_hashes_settings_seed_and_weights_bytes_not_the_iteration_count(
+    tiny_coco: Path, pretrained_weights: Path, tmp_path: Path
 ) -> None:
-    workdir = straight_run.parent / "work"  # holds the seed-5 run's last checkpoint
-    with pytest.raises(ValueError, match="checkpoint has seed=5, this run has 6"):
-        finetune(tiny_benchmark(tiny_coco), pretrained_weights, 6, tmp_path / "m.pt", workdir)
+    benchmark = tiny_benchmark(tiny_coco)
+    key = finetune_identity(benchmark, 5, pretrained_weights, RESUME_MAY_CHANGE)["key"]
+    slower = tiny_benchmark(tiny_coco, solver={**benchmark.solver.to_dict(), "lr": 0.02})
+    assert finetune_identity(slower, 5, pretrained_weights, RESUME_MAY_CHANGE)["key"] != key
+    assert finetune_identity(benchmark, 6, pretrained_weights, RESUME_MAY_CHANGE)["key"] != key
+    assert finetune_identity(with_iterations(benchmark, 2), 5, pretrained_weights, RESUME_MAY_CHANGE)["key"] == key
+    moved = tmp_path / "moved.tv.pth"
+    moved.write_bytes(pretrained_weights.read_bytes())
+    assert finetune_identity(benchmark, 5, moved, RESUME_MAY_CHANGE)["key"] == key
+    moved.write_bytes(pretrained_weights.read_bytes() + b"\0")
+    assert finetune_identity(benchmark, 5, moved, RESUME_MAY_CHANGE)["key"] != key
+
+
+def test_a_changed_setting_reruns_from_scratch_and_writes_the_new_model(
+    tiny_coco: Path, pretrained_weights: Path, tmp_path: Path, counted_steps, capsys
+) -> None:
+    """The issue's repro: change solver.lr, re-run in the same workdir; it must not resume."""
+    workdir = tmp_path / "work"
+    old = with_iterations(tiny_benchmark(tiny_coco), 1)  # one iteration is enough to tell models apart
+    finetune(old, pretrained_weights, 5, tmp_path / "old.pt", workdir)
+    changed = dataclasses.replace(old, solver=dataclasses.replace(old.solver, lr=0.02))
+    counted_steps.clear()
+    capsys.readouterr()
+    finetune(changed, pretrained_weights, 5, tmp_path / "model.pt", workdir)
+    assert "resuming" not in capsys.readouterr().err
+    assert counted_steps == [0]
+    assert sorted(checkpoints_in(workdir).values()) == [1, 1]  # beside the old run's, not over it
+    finetune(changed, pretrained_weights, 5, tmp_path / "fresh.pt", tmp_path / "fresh")
+    rerun, fresh, before = (
+        torch.load(tmp_path / name, weights_only=True)["state_dict"] for name in ("model.pt", "fresh.pt", "old.pt")
+    )
+    assert all(torch.equal(rerun[k], fresh[k]) for k in fresh)
+    assert not torch.equal(rerun["backbone.body.conv1.weight"], before["backbone.body.conv1.weight"])
+
+
+def test_weights_replaced_under_the_same_path_are_not_resumed(
+    tiny_coco: Path, pretrained_weights: Path, tmp_path: Path, counted_steps, capsys
+) -> None:
+    weights = tmp_path / "run.tv.pth"
+    weights.write_bytes(pretrained_weights.read_bytes())
+    short = with_iterations(tiny_benchmark(tiny_coco), 1)
+    finetune(short, weights, 5, tmp_path / "first.pt", tmp_path / "work")
+    replaced = torch.load(weights, weights_only=True)
+    replaced["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in replaced["state_dict"].items()}
+    torch.save(replaced, weights)
+    counted_steps.clear()
+    capsys.readouterr()
+    finetune(short, weights, 5, tmp_path / "second.pt", tmp_path / "work")
+    assert counted_steps == [0] and "resuming" not in capsys.readouterr().err
+
+
+def test_a_truncated_annotation_json_fails_the_finetune_naming_the_file(tiny_coco: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "coco"
+    broken.mkdir()
+    (broken / "train").symlink_to(tiny_coco / "train")
+    (broken / "annotations").mkdir()
+    text = (tiny_coco / "annotations/instances_train.json").read_text()
+    (broken / "annotations/instances_train.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=rf"{broken}/annotations/instances_train.json: invalid JSON at line 1"):
+        finetune(tiny_benchmark(broken), None, 0, tmp_path / "m.pt", tmp_path / "work")
+
+
+class Payload:
+    """Unpickling this runs ``Path(target).touch()``: what a planted weights file could do."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def test_detectron2_weights_are_read_without_running_code(pretrained_weights: Path, tmp_path: Path) -> None:
+    converted = read_detectron2_weights(pretrained_weights.with_name("w.d2.pkl"))
+    assert converted["method"] == "moco_v2" and converted["model"]["stem.conv1.weight"].shape == (64, 3, 7, 7)
+    planted = tmp_path / "planted.d2.pkl"
+    planted.write_bytes(pickle.dumps({"model": {}, "__author__": Payload(tmp_path / "PWNED")}))
+    with pytest.raises(UnsafeWeightsError, match=r"planted\.d2\.pkl: refers to pathlib\..*\.touch; .* only numpy arrays"):
+        read_detectron2_weights(planted)
+    assert not (tmp_path / "PWNED").exists()
 
 
 @pytest.mark.parametrize("model", ["faster_rcnn", "retinanet"])
@@ -331,10 +443,10 @@ def test_retinanet_takes_and_gives_labels_1_to_k(tiny_coco: Path) -> None:
 
 
 def test_resumed_retinanet_run_equals_the_uninterrupted_one(
-    retinanet_run: Path, tiny_coco: Path, pretrained_weights: Path, tmp_path: Path
+    retinanet_run: Path, tiny_coco: Path, pretrained_weights: Path, tmp_path: Path, counted_steps, capsys
 ) -> None:
     benchmark = tiny_benchmark(tiny_coco, model="retinanet")
-    assert_resumed_run_equals(retinanet_run, benchmark, pretrained_weights, tmp_path)
+    assert_resumed_run_equals(retinanet_run, benchmark, pretrained_weights, tmp_path, counted_steps, capsys)
 
 
 def test_retinanet_writes_and_evaluates_box_metrics(retinanet_run: Path, tiny_coco: Path, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 from regioncl.io import (
     _temp_prefix,
     atomic_path,
+    read_json,
     remove_stale_temporaries,
     write_text_atomic,
 )
@@ -64,3 +65,15 @@ def test_a_failed_block_leaves_neither_the_file_nor_a_temporary(tmp_path):
         tmp.write_text("partial")
         raise RuntimeError("writer failed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_broken_json_file_is_an_error_naming_the_file_line_and_column(tmp_path):
+    path = tmp_path / "instances.json"
+    path.write_text('{"images": [\n  {"id": 1},\n  {"id": ')  # a download cut short
+    with pytest.raises(ValueError, match=rf"{path}: invalid JSON at line 3 column 10: Expecting value"):
+        read_json(path)
+    path.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match=rf"{path}: not UTF-8 text"):
+        read_json(path)
+    path.write_text('{"ok": [1, 2]}')
+    assert read_json(path) == {"ok": [1, 2]}

@@ -37,6 +37,23 @@ def test_malformed_coco_annotation_is_named(tmp_path):
         DatasetSpec(name="coco", layout="coco", root=root).check()
 
 
+def test_truncated_coco_annotation_is_named_before_any_job(tmp_path):
+    root = tmp_path / "coco"
+    shutil.copytree(FIXTURE_DATASETS / "coco", root)
+    annotations = root / "annotations" / "instances_train2017.json"
+    annotations.write_text(annotations.read_text()[:-10])  # starts like JSON, a download cut short
+    with pytest.raises(DatasetLayoutError, match=r"instances_train2017\.json is malformed \(invalid JSON at line \d+"):
+        DatasetSpec(name="coco", layout="coco", root=root).check()
+
+
+def test_a_filelist_root_is_a_list_file(tmp_path):
+    listfile = tmp_path / "images.txt"
+    listfile.write_text("a.jpg\n")
+    DatasetSpec(name="mine", layout="filelist", root=listfile).check()
+    with pytest.raises(DatasetLayoutError, match=rf"root: {tmp_path} does not exist or is not a file"):
+        DatasetSpec(name="mine", layout="filelist", root=tmp_path).check()
+
+
 def test_unknown_layout_lists_the_known_ones(tmp_path):
     with pytest.raises(DatasetLayoutError, match=r"unknown layout 'kitti'.*imagenet.*voc"):
         DatasetSpec(name="x", layout="kitti", root=tmp_path).check()

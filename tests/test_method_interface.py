@@ -1,7 +1,10 @@
-"""A test method that carries boxes, a cell grid and points through collation and the engine."""
+"""A test method that carries boxes, a cell grid and points through collation and the engine;
+and the import rule that keeps methods independent of the engine."""
 
 import io
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,7 @@ def _grid(view: View, cells: int) -> np.ndarray:
 @dataclass(frozen=True)
 class ProbeParams:
     momentum: float = 0.9
+    crop_size: int = CROP
 
 
 @register_method("interface_probe")
@@ -43,16 +47,17 @@ class InterfaceProbe(PretrainMethod):
 
     Params = ProbeParams
     ragged_keys = frozenset({"boxes"})
+    pixel_params = ("crop_size",)
 
-    def __init__(self, params: ProbeParams, *, arch: str, crop_size: int) -> None:
-        super().__init__(params, arch=arch, crop_size=crop_size)
+    def __init__(self, params: ProbeParams, *, arch: str) -> None:
+        super().__init__(params, arch=arch)
         self.backbone = nn.Linear(3 * 4 * 4, 8)
         self.backbone_target = make_target(self.backbone)
 
     def make_views(self, sample, rng):
         width, height = sample["image"].size
         source = View.identity(width, height)
-        view = random_resized_crop(width, height, self.crop_size, rng, scale=(0.5, 1.0))
+        view = random_resized_crop(width, height, self.params.crop_size, rng, scale=(0.5, 1.0))
         image = torch.from_numpy(np.asarray(render_view(sample["image"], view), dtype=np.float32) / 255).permute(2, 0, 1)
         return {
             "image": image,  # (3, S, S)
@@ -81,7 +86,7 @@ def _sample(key: str, boxes: list) -> dict:
 
 
 def test_collation_pads_ragged_boxes_with_a_mask_and_keeps_annotations_in_view_pixels():
-    method = InterfaceProbe(ProbeParams(), arch="none", crop_size=CROP)
+    method = InterfaceProbe(ProbeParams(), arch="none")
     samples = [_sample("a", [[0, 0, 10, 10]]), _sample("b", [[5, 5, 25, 20], [0, 0, 50, 40], [1, 2, 3, 4]])]
     rngs = [np.random.default_rng(i) for i in range(2)]
     views = [method.make_views(s, r) for s, r in zip(samples, rngs)]
@@ -113,7 +118,7 @@ def shards(tmp_path_factory) -> list[Path]:
 
 def test_two_accumulated_micro_batches_of_4_equal_one_batch_of_8(shards, tmp_path):
     run = {"method": "interface_probe", "method_params": {}, "arch": "none", "epochs": 2, "batch_size": 8,
-           "crop_size": CROP, "num_workers": 0, "device": "cpu", "checkpoint_every_steps": 4, "log_every": 1}
+           "num_workers": 0, "device": "cpu", "checkpoint_every_steps": 4, "log_every": 1}
     states = []
     for accumulate in (1, 2):
         workdir = tmp_path / f"accumulate{accumulate}"
@@ -122,3 +127,26 @@ def test_two_accumulated_micro_batches_of_4_equal_one_batch_of_8(shards, tmp_pat
     for key, value in states[0].items():
         torch.testing.assert_close(states[1][key], value, atol=1e-6, rtol=1e-5)
     assert not torch.equal(states[0]["backbone.weight"], states[0]["backbone_target.weight"])
+
+
+def test_scaled_params_scales_every_view_size_together():
+    scaled = InterfaceProbe.scaled_params(ProbeParams(momentum=0.5, crop_size=224), 64 / 224)
+    assert scaled == ProbeParams(momentum=0.5, crop_size=64)
+
+
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_methods_never_import_the_engine_and_the_engine_imports_without_a_cycle():
+    # Every registered method module (and what it imports) loads without regioncl.engine.
+    methods = _fresh_python(
+        "import sys, regioncl.methods as m; "
+        "assert m.available_methods(), 'no method registered'; "
+        "engine = sorted(n for n in sys.modules if n.startswith('regioncl.engine')); "
+        "assert not engine, f'a method imports {engine}'"
+    )
+    assert methods.returncode == 0, methods.stderr
+    # The engine first (it imports the methods' registry), in a fresh interpreter: no import cycle.
+    engine = _fresh_python("import regioncl.engine.train; from regioncl.methods import get_method; get_method('moco_v2')")
+    assert engine.returncode == 0, engine.stderr

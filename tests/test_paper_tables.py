@@ -5,14 +5,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from matplotlib.container import ErrorbarContainer
 
+from regioncl.tables.layout import load_tables_config
 from regioncl.tables.metrics import load_metric_values
 from regioncl.tables.paper import (
-    load_tables_config,
     paper_table_data,
     table_outputs,
     write_paper_tables,
 )
+from regioncl.tables import plots
 from regioncl.tables.plots import plot_ap_vs_epochs, plot_benchmark_bars
 from regioncl.tables.reference import load_references
 from regioncl.tables.render import metric_label
@@ -113,6 +115,23 @@ def test_bar_plot_draws_each_benchmarks_headline_metric(demo_data, tmp_path):
     assert pd.isna(ours) and paper == 37.6
 
 
+def test_bar_plot_without_paper_numbers_or_repeated_seeds_has_no_empty_legend_or_zero_error_bars(
+    demo_data, tmp_path, monkeypatch
+):
+    table, data = demo_data
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)  # keep the figure to inspect it
+    one_seed_no_paper = data.assign(paper=float("nan"), std=float("nan"), seeds=1)
+    plot_benchmark_bars(one_seed_no_paper, table, tmp_path / "bars.png")
+    for axes in figures[0].axes:
+        assert axes.get_legend_handles_labels()[1] == ["ours"]
+        assert not any(isinstance(container, ErrorbarContainer) for container in axes.containers)
+    figures.clear()
+    plot_benchmark_bars(data.assign(std=2.0), table, tmp_path / "bars.png")
+    assert figures[0].axes[0].get_legend_handles_labels()[1] == ["ours", "paper"]
+    assert any(isinstance(container, ErrorbarContainer) for container in figures[0].axes[0].containers)
+
+
 @pytest.mark.parametrize(
     ("metric", "text", "latex"),
     [("bbox.AP", "AP^bb", "AP$^{\\mathrm{bb}}$"), ("segm.AP75", "AP^mk_75", "AP$^{\\mathrm{mk}}_{75}$"),
@@ -181,3 +200,21 @@ def test_baseline_that_is_no_rows_method_is_an_error_naming_it(tmp_path):
     )
     with pytest.raises(ValueError, match="baseline: 'supervised' is not the method of any row"):
         load_tables_config(config)
+
+
+def test_a_row_with_a_benchmark_suffix_reads_that_variant_of_each_column(tmp_path):
+    """ReSim-FPN (backbone only) and ReSim-FPN^T: one run, the same protocol with two transfers."""
+    config = tmp_path / "tables.yaml"
+    config.write_text(
+        "tables:\n  t:\n    caption: c\n    columns: [{benchmark: coco_1x, metrics: [bbox.AP]}]\n"
+        "    rows: [{method: resim_fpn, epochs: 200, label: FPN, benchmark_suffix: _backbone},\n"
+        "           {method: resim_fpn, epochs: 200, label: FPN^T}]\n"
+    )
+    values = pd.DataFrame(
+        [("resim_fpn", "resim_fpn_r50_200ep", benchmark, 0, "bbox.AP", ap) for benchmark, ap in (("coco_1x_backbone", 39.5), ("coco_1x", 39.8))],
+        columns=["method", "run", "benchmark", "seed", "metric", "value"],
+    )
+    data = paper_table_data(load_tables_config(config)["t"], values, None, "test")
+    assert list(zip(data["row"], data["run"], data["benchmark"], data["mean"])) == [
+        ("FPN", "resim_fpn_r50_200ep", "coco_1x", 39.5), ("FPN^T", "resim_fpn_r50_200ep", "coco_1x", 39.8),
+    ]

@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from regioncl.data.embedded import EmbeddedSettings, generate_embedded
+from regioncl.data.proposals_file import read_proposals
 from regioncl.data.shards import write_shard
 from regioncl.data.sources import list_images, write_image_list
-from regioncl.proposals.chunk import ProposalSettings, read_proposals, run_chunk
+from regioncl.proposals.chunk import ImageProposals, ProposalSettings, propose_image, run_chunk
 from regioncl.proposals.filters import (
     RULES,
     BoxFilterSettings,
@@ -29,7 +30,9 @@ from regioncl.proposals.filters import (
     random_boxes,
     rule_masks,
 )
+from regioncl.proposals.released import INSTALL_HINT, soco_texture_histogram
 from regioncl.proposals.selective_search import (
+    SOCO_RELEASED,
     SelectiveSearchSettings,
     rects_to_boxes,
     segmentation_size,
@@ -168,6 +171,8 @@ def test_invalid_settings_name_the_field():
         SelectiveSearchSettings(max_side=256, min_side=128)
     with pytest.raises(ValueError, match="selective_search.mode"):
         SelectiveSearchSettings(mode="slow")
+    with pytest.raises(ValueError, match="selective_search.max_scale"):
+        SelectiveSearchSettings(max_scale=0.0)
     with pytest.raises(ValueError, match="proposals.mode"):
         ProposalSettings(mode="edge_boxes")
     with pytest.raises(ValueError, match="filter.max_aspect"):
@@ -182,6 +187,14 @@ def test_resize_policy_shrinks_never_enlarges():
     assert segmentation_size(1000, 500, SelectiveSearchSettings(min_side=100)) == (200, 100)
     assert segmentation_size(100, 80, SelectiveSearchSettings(max_side=256)) == (100, 80)
     assert segmentation_size(100, 80, SelectiveSearchSettings()) == (100, 80)
+
+
+def test_max_scale_shrinks_small_images_by_that_factor_and_large_ones_to_the_side_cap():
+    settings = SelectiveSearchSettings(max_side=96, max_scale=0.25)
+    assert segmentation_size(256, 200, settings) == (64, 50)
+    assert segmentation_size(500, 375, settings) == (96, 72)
+    assert segmentation_size(1000, 563, settings) == (96, 54)
+    assert segmentation_size(256, 200, SelectiveSearchSettings(max_scale=0.5)) == (128, 100)
 
 
 def test_rects_map_to_continuous_original_pixels():
@@ -216,6 +229,55 @@ def test_selective_search_order_does_not_depend_on_what_ran_before():
     first = selective_search(image, settings)
     selective_search(other, settings)
     np.testing.assert_array_equal(first, selective_search(image, settings))
+
+
+# --- SoCo's released algorithm (optional extra soco-proposals) --------------------------------
+
+
+def needs_released_package():
+    return pytest.importorskip("selectivesearch", reason=f"SoCo's released selective search: {INSTALL_HINT}")
+
+
+def test_soco_texture_histogram_counts_every_lbp_code_of_each_channel():
+    codes = np.array([[0, 128, 255], [7, 200, 1], [254, 3, 100]], dtype=np.float64)
+    histogram = soco_texture_histogram(codes)
+    assert histogram.shape == (30,)
+    np.testing.assert_allclose(histogram.reshape(3, 10).sum(axis=1), 1.0)
+    assert histogram[9] == pytest.approx(1 / 3)  # code 254 is in the last bin of channel 0
+
+
+def test_released_mode_without_the_package_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "selectivesearch", None)  # import fails as if not installed
+    image, _ = rectangle_image()
+    with pytest.raises(ImportError, match=re.escape(INSTALL_HINT)):
+        selective_search(image, SOCO_RELEASED)
+
+
+@pytest.mark.parametrize("max_side", [None, 64])
+def test_released_mode_recovers_the_rectangle_through_the_common_mapping(max_side):
+    package = needs_released_package().selectivesearch
+    texture_histogram = package._calc_texture_hist
+    image, truth = rectangle_image()
+    settings = SelectiveSearchSettings.from_dict(SOCO_RELEASED.to_dict() | {"max_side": max_side})
+    boxes = selective_search(image, settings)
+    assert package._calc_texture_hist is texture_histogram  # SoCo's change is undone after the call
+    assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= 160).all() and (boxes[:, [1, 3]] <= 120).all()
+    closest = boxes[np.abs(boxes - truth).max(axis=1).argmin()]
+    if max_side is None:  # the rectangle's segment spans exactly its pixels
+        np.testing.assert_array_equal(closest, truth)
+    else:
+        assert np.abs(closest - truth).max() <= 160 / segmentation_size(160, 120, settings)[0]
+
+
+def test_released_mode_proposals_go_through_the_filter_of_the_chunk_job(tmp_path):
+    needs_released_package()
+    image, truth = rectangle_image()
+    Image.fromarray(image).save(tmp_path / "rectangle.png")
+    settings = ProposalSettings(selective_search=SOCO_RELEASED)
+    result = propose_image(("rectangle", str(tmp_path / "rectangle.png"), settings))
+    assert isinstance(result, ImageProposals) and result.rule == "paper"
+    assert rule_masks(result.boxes, 160, 120, BoxFilterSettings())["paper"].all()
+    assert truth.tolist() in result.boxes.tolist() and len(result.boxes) < result.candidates
 
 
 # --- chunk job -------------------------------------------------------------------------------
@@ -340,12 +402,12 @@ def start_job(image_list: Path, out_dir: Path) -> subprocess.Popen:
 
 
 def wait_until_a_third_is_done(job: subprocess.Popen) -> None:
-    """Block until the job's progress bar (stderr) shows at least a third of the images done."""
+    """Block until the job's progress (stderr: plain lines off a terminal) shows a third of the images done."""
     os.set_blocking(job.stderr.fileno(), False)
     seen = b""
     while job.poll() is None:
         seen += job.stderr.read() or b""
-        progress = re.findall(rb"(\d+)/(\d+) \[", seen)
+        progress = re.findall(rb"(\d+)/(\d+) \(", seen)
         if progress and 3 * int(progress[-1][0]) >= int(progress[-1][1]):
             return
         time.sleep(0.05)

@@ -14,9 +14,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from regioncl.data.proposals_file import read_proposals
 from regioncl.data.shards import CorruptShardError, ShardStream, write_shard
 from regioncl.data.sources import list_images, write_image_list
-from regioncl.proposals.chunk import ProposalSettings, read_proposals, run_chunk
+from regioncl.proposals.chunk import ProposalSettings, run_chunk
 
 SETTINGS = ProposalSettings(mode="random", random_boxes=5, seed=1)
 NUM_IMAGES = 13

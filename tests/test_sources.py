@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,34 @@ def test_keys_drop_the_extension_and_replace_slashes_and_dots():
     assert key_for("a/b.c/img.001.jpg") == "a__b_c__img_001"
     assert key_for("n01440764/n01440764_10026.JPEG") == "n01440764__n01440764_10026"
     assert key_for("/data/my photo.png") == "data__my_photo"
+
+
+def test_non_ascii_names_get_distinct_keys_stable_across_unicode_forms():
+    keys = {key_for("写真1.jpg"), key_for("画像1.jpg"), key_for("1.jpg")}
+    assert len(keys) == 3
+    assert key_for("写真1.jpg") == "__1-60a60a04"  # the hash of the path, not of anything per-run
+    assert key_for(unicodedata.normalize("NFD", "a/café.jpg")) == key_for("a/café.jpg")
+    assert re.fullmatch(r"a__cafe-[0-9a-f]{8}", key_for("a/café.jpg"))
+
+
+def test_non_ascii_file_names_are_all_listed(tmp_path):
+    for name in ["写真1.jpg", "画像1.jpg", "1.jpg"]:
+        touch(tmp_path / name)
+    entries = list_images("folder", tmp_path)
+    assert sorted(path.name for _, path in entries) == ["1.jpg", "写真1.jpg", "画像1.jpg"]
+    assert len({key for key, _ in entries}) == 3
+
+
+def test_a_dangling_symlink_is_listed_and_reported_as_a_bad_file(tmp_path):
+    from regioncl.proposals import ProposalSettings
+    from regioncl.proposals.chunk import BadImage, propose_image
+
+    touch(tmp_path / "good.jpg")
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    entries = list_images("folder", tmp_path)
+    assert [key for key, _ in entries] == ["gone", "good"]
+    result = propose_image(("gone", str(tmp_path / "gone.jpg"), ProposalSettings()))
+    assert isinstance(result, BadImage) and "cannot read" in result.reason and "No such file" in result.reason
 
 
 def test_folder_lists_every_image_recursively_sorted_by_key(tmp_path):
@@ -164,3 +193,41 @@ def test_the_extension_comes_from_the_content_not_the_name():
 def test_bad_files_raise_with_the_reason(data, limits, reason):
     with pytest.raises(UnreadableImage, match=reason):
         decode_rgb(data, **limits)
+
+
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped():
+    ramp = np.linspace(0, 65535, 32 * 16).reshape(16, 32).astype(np.uint16)
+    png = encode(Image.fromarray(ramp), "PNG")
+    assert Image.open(io.BytesIO(png)).mode == "I;16"
+    image, extension = decode_rgb(png)
+    pixels = np.asarray(image)
+    assert extension == "png" and image.mode == "RGB"
+    assert np.array_equal(pixels[..., 0], np.round(ramp / 257).astype(np.uint8))
+    assert pixels.mean() == pytest.approx(127.5, abs=1)  # a mid-grey ramp, not near-white
+
+
+def smooth_jpeg() -> bytes:
+    yy, xx = np.mgrid[:96, :128]
+    pixels = np.stack([xx * 2, yy * 2, (xx + yy)], axis=-1).astype(np.uint8)
+    return encode(Image.fromarray(pixels), "JPEG")
+
+
+def test_a_jpeg_with_damaged_scan_data_is_rejected_with_libjpegs_reason():
+    data = bytearray(smooth_jpeg())
+    scan = data.index(b"\xff\xda") + 40
+    damaged = bytes(data[:scan] + data[scan + 150 :])  # a hole in the entropy-coded data
+    Image.open(io.BytesIO(damaged)).load()  # PIL alone accepts it
+    with pytest.raises(UnreadableImage, match=r"damaged JPEG scan data \(libjpeg: Corrupt JPEG data"):
+        decode_rgb(damaged)
+    assert decode_rgb(damaged, check_jpeg_scan=False)[0].size == (128, 96)
+    assert decode_rgb(bytes(data))[1] == "jpg"
+
+
+def test_a_camera_mpo_is_a_jpeg_of_its_first_frame():
+    first = Image.open(io.BytesIO(smooth_jpeg()))
+    buffer = io.BytesIO()
+    first.save(buffer, format="MPO", save_all=True, append_images=[Image.new("RGB", (128, 96), (0, 255, 0))])
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    image, extension = decode_rgb(buffer.getvalue())
+    assert extension == "jpg"
+    assert np.abs(np.asarray(image).astype(int) - np.asarray(first.convert("RGB")).astype(int)).mean() < 3

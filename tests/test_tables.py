@@ -52,3 +52,41 @@ def test_undefined_metric_is_missing_not_an_error(tmp_path):
     values = load_metric_values([path])
     assert set(values["metric"]) == {"bbox.AP", "bbox.AP50", "bbox.AP75"}
     assert values.loc[values["metric"] == "bbox.AP", "value"].item() == 1.5
+
+
+def probe_record(path, run, method, accuracy):
+    record = {"method": method, "run": run, "benchmark": "embedded_frcnn_r18fpn", "seed": 0,
+              "metrics": {"probe": {"accuracy": accuracy}}}
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_a_probe_record_adds_a_column_beside_the_ap_of_the_same_run(tmp_path):
+    probes = [probe_record(tmp_path / "p0.json", "random", "random", 25.0),
+              probe_record(tmp_path / "p1.json", "moco_v2_r18_20ep", "moco_v2", 70.5)]
+    table = summarize(load_metrics(METRICS + probes))
+    assert list(table.columns)[-3:] == ["probe accuracy mean", "probe accuracy std", "seeds"]
+    moco = table[table["method"] == "moco_v2"].iloc[0]
+    assert moco["probe accuracy mean"] == 70.5 and moco["box AP mean"] == pytest.approx(16.0)
+    assert moco["seeds"] == 2  # the AP seeds; the probe has one number
+    write_summary(METRICS + probes, tmp_path / "s.md", tmp_path / "s.csv")
+    lines = (tmp_path / "s.md").read_text().splitlines()
+    assert lines[0].rstrip(" |").endswith("probe accuracy")
+    assert lines[3].rstrip(" |").endswith("70.5")  # no ± for a single number
+
+
+def test_the_embedded_tables_show_the_probe_column_against_random(tmp_path):
+    from regioncl.tables.layout import load_tables_config
+    from regioncl.tables.metrics import load_metric_values
+    from regioncl.tables.paper import paper_table_data
+    from regioncl.tables.render import to_markdown
+
+    probes = [probe_record(tmp_path / "p0.json", "random", "random", 25.0),
+              probe_record(tmp_path / "p1.json", "moco_v2_r18_16ep", "moco_v2", 70.5)]
+    root = Path(__file__).resolve().parents[1]
+    table = load_tables_config(root / "config" / "tables" / "embedded.yaml")["embedded"]
+    data = paper_table_data(table, load_metric_values(probes), None, "test")
+    probe = data[data["metric"] == "probe.accuracy"].set_index("run")
+    assert probe.at["moco_v2_r18_16ep", "vs_baseline"] == pytest.approx(45.5)
+    markdown = to_markdown(table, data)
+    assert "probe accuracy" in markdown and "70.5 (+45.5)" in markdown

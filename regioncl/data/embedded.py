@@ -6,10 +6,19 @@ ship inside the scikit-image wheel (see ``shared/design/DATA.md``):
 - background: a random crop/rescale/flip of a photo with a colour shift, sometimes blended with
   a second photo, plus clutter (irregular textured blobs and strokes of no class);
 - objects of four classes (star, ring, triangle, cross), each with its own silhouette geometry
-  and a class-typical texture photo and hue, with random size (``min_object_size`` px up to
+  and a class-typical texture photo, with random size (``min_object_size`` px up to
   ``max_object_fraction`` of the shorter side), aspect, rotation and position, soft edges and
   shading, painted back to front so that later objects occlude earlier ones;
 - light sensor noise, then JPEG.
+
+What carries class identity: the silhouette (outline geometry, and the ring's hole) and the
+surface texture (the luminance pattern of the class's texture photos). What does not: colour.
+Each object's hue is drawn uniformly from the whole circle and its saturation uniformly from
+``OBJECT_SATURATION``, both independently of its class, as are its brightness, contrast,
+shading, size, aspect, rotation and position. So the colour jitter and grayscale of the
+self-supervised methods teach an invariance the detection task has, as on real photos
+(generator version 1 gave each class a typical hue, a cue those augmentations teach a
+pretrained network to drop).
 
 Occlusion rule: an object is placed only if every object (itself included, since the image
 border may cut it) keeps a visible mask of at least ``min_visible_fraction`` of its full area and
@@ -28,7 +37,6 @@ Each image depends only on ``(seed, split, index)``: generating 10 images yields
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -68,7 +76,7 @@ BACKGROUND_PHOTOS = (
 KEY_DIGITS = 6  # keys sort in index order up to 10**6 - 1 images per split
 SUBPIXEL_BITS = 4  # cv2.fillPoly fixed-point precision: 1/16 px
 ATTEMPTS_PER_OBJECT = 20  # rejected candidates are redrawn; a scene gives up after this many
-HUE_SPREAD = 25.0  # degrees, standard deviation of an object's hue around its class's hue
+OBJECT_SATURATION = (0.15, 0.8)  # an object's saturation is uniform in this range, any class
 
 Box = tuple[int, int, int, int]  # (y0, y1, x0, x1) pixel window of an image, ends exclusive
 
@@ -77,7 +85,7 @@ Box = tuple[int, int, int, int]  # (y0, y1, x0, x1) pixel window of an image, en
 class EmbeddedSettings(Settings):
     """Parameters of the generator; ``version`` changes whenever its output for them changes."""
 
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
 
     seed: int = 0
     n_unlabeled: int = 500
@@ -94,18 +102,6 @@ class EmbeddedSettings(Settings):
     jpeg_quality: int = 90
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(field.default, float):
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise TypeError(
-                        f"embedded settings: {field.name} must be a number, got {value!r}"
-                    )
-                object.__setattr__(self, field.name, float(value))
-            elif isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(
-                    f"embedded settings: {field.name} must be an integer, got {value!r}"
-                )
         max_count = 10**KEY_DIGITS - 1
         self._check_range("seed", 0, None)
         for name in ("n_unlabeled", "n_train", "n_val"):
@@ -328,15 +324,14 @@ class ObjectClass:
     category_id: int
     name: str
     outline: Callable[[np.random.Generator], Contours]
-    texture_photos: tuple[str, ...]  # class-typical surface texture
-    hue: float  # class-typical hue, degrees; HUE_SPREAD and low saturation blur this cue
+    texture_photos: tuple[str, ...]  # class-typical surface texture (its luminance only)
 
 
 OBJECT_CLASSES = (
-    ObjectClass(1, "star", star_outline, ("gravel.png", "hubble_deep_field.jpg"), 35.0),
-    ObjectClass(2, "ring", ring_outline, ("brick.png", "coffee.png"), 210.0),
-    ObjectClass(3, "triangle", triangle_outline, ("grass.png", "chelsea.png"), 110.0),
-    ObjectClass(4, "cross", cross_outline, ("moon.png", "ihc.png"), 300.0),
+    ObjectClass(1, "star", star_outline, ("gravel.png", "hubble_deep_field.jpg")),
+    ObjectClass(2, "ring", ring_outline, ("brick.png", "coffee.png")),
+    ObjectClass(3, "triangle", triangle_outline, ("grass.png", "chelsea.png")),
+    ObjectClass(4, "cross", cross_outline, ("moon.png", "ihc.png")),
 )
 
 
@@ -348,15 +343,16 @@ def object_surface(
     centre: tuple[float, float],
     radius: float,
 ) -> np.ndarray:
-    """(h, w, 3) float32 BGR: class texture recoloured to the class hue, lit from one side."""
+    """(h, w, 3) float32 BGR: the luminance of a class texture, tinted with a hue and saturation
+    drawn independently of the class, lit from one side."""
     height, width = alpha.shape
     texture = photo_crop(rng, random_photo(rng, object_class.texture_photos), height, width)
     luminance = cv2.cvtColor(texture, cv2.COLOR_BGR2GRAY)
     # Normalised contrast: a crop of mostly black sky (moon, hubble) must not hide the object.
     contrast = rng.uniform(0.06, 0.16) / (luminance.std() + 0.02)
     value = np.clip(rng.uniform(0.35, 0.8) + (luminance - luminance.mean()) * contrast, 0, 1)
-    hue = np.full_like(value, (object_class.hue + rng.normal(0, HUE_SPREAD)) % 360)
-    saturation = np.full_like(value, rng.uniform(0.15, 0.8))
+    hue = np.full_like(value, rng.uniform(0, 360))
+    saturation = np.full_like(value, rng.uniform(*OBJECT_SATURATION))
     surface = cv2.cvtColor(np.stack([hue, saturation, value], axis=2), cv2.COLOR_HSV2BGR)
     # Shading: a brightness gradient towards a random light direction, darker near the rim.
     y0, _, x0, _ = box

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from tqdm import tqdm
 
+from regioncl.data.proposals_file import read_proposals
 from regioncl.data.sources import SUPPORTED_FORMATS, UnreadableImage, decode_rgb
 from regioncl.io import atomic_path
-from regioncl.proposals.chunk import read_proposals
+from regioncl.progress import Progress
 
 _IMAGE_EXTENSIONS = frozenset(SUPPORTED_FORMATS.values())
 _TAR_BLOCK = 512
@@ -50,7 +50,8 @@ def write_shard(proposals_parquet: Path, out_tar: Path) -> int:
             stream, encoder=False, mtime=0, user="regioncl", group="regioncl", format="PAX_FORMAT"
         )
         with writer:
-            for row in tqdm(rows, desc=f"shard {Path(out_tar).name}", unit="img"):
+            progress = Progress(len(rows), desc=f"shard {Path(out_tar).name} (images)")
+            for done, row in enumerate(rows, start=1):
                 data = Path(row["path"]).read_bytes()
                 meta = {
                     "width": row["width"],
@@ -65,6 +66,8 @@ def write_shard(proposals_parquet: Path, out_tar: Path) -> int:
                         "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
                     }
                 )
+                progress.update(done)
+            progress.close()
     return len(rows)
 
 
@@ -262,7 +265,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             meta = json.loads(meta_bytes)
             width, height = int(meta["width"]), int(meta["height"])
             boxes = np.asarray(meta["boxes"], dtype=np.float32).reshape(-1, 4)
-            image, _ = decode_rgb(image_bytes)
+            image, _ = decode_rgb(image_bytes, check_jpeg_scan=False)  # admitted by the proposal stage
         except (ValueError, KeyError, TypeError, UnreadableImage) as err:
             raise _corrupt(shard, f"sample {key!r}: {type(err).__name__}: {err}") from err
         if image.size != (width, height):

@@ -2,8 +2,10 @@
 
 Keys follow the project contract (docs/architecture.md): letters, digits, ``_`` and ``-`` only,
 ``/`` replaced by ``__``, so WebDataset (which splits a member name at its first dot) and tar
-member names stay unambiguous. Any other character becomes ``_``; two files that end up with the
-same key are an error rather than a silent overwrite.
+member names stay unambiguous. Any other character becomes ``_``; accented letters lose their
+accents first, and a path with any non-ASCII character gets a short hash of the path appended
+(``写真1.jpg`` and ``画像1.jpg`` would otherwise both be ``__1``). Two files that still end up
+with the same key are an error rather than a silent overwrite.
 
 Decoding lives here too because the proposal stage and the training reader must turn the same
 bytes into the same pixels, or the boxes would not refer to the image the model sees.
@@ -11,12 +13,19 @@ bytes into the same pixels, or the boxes would not refer to the image the model 
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import re
+import sys
+import tempfile
+import threading
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 from PIL import Image, ImageFile
 
 from regioncl.io import write_text_atomic
@@ -28,7 +37,13 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 
 # PIL format name -> file extension used in shards (the real format, not the file's suffix).
-SUPPORTED_FORMATS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "WEBP": "webp"}
+# MPO is a camera's multi-picture JPEG: a JPEG whose first frame is the picture.
+SUPPORTED_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "BMP": "bmp", "WEBP": "webp"}
+# Modes of 16-bit (and 32-bit integer) grayscale PNGs, whose 0..65535 values ``convert("RGB")``
+# would clip at 255 (a near-white picture) instead of scaling.
+WIDE_GRAY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# What libjpeg says about damaged entropy-coded (scan) data; it only warns and goes on.
+JPEG_DAMAGE_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file")
 
 
 @dataclass(frozen=True)
@@ -57,9 +72,21 @@ _KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def key_for(relative: str) -> str:
-    """``a/b.c/img.001.jpg`` -> ``a__b_c__img_001``: drop the extension, ``/`` -> ``__``, rest -> ``_``."""
-    stem = PurePosixPath(relative.strip("/")).with_suffix("")
-    return "__".join(_NOT_KEY_CHARS.sub("_", part) for part in stem.parts)
+    """``a/b.c/img.001.jpg`` -> ``a__b_c__img_001``: drop the extension, ``/`` -> ``__``, rest -> ``_``.
+
+    Accents are dropped (``café`` -> ``cafe``); a non-ASCII path also gets ``-`` and 8 hex digits
+    of its sha256 appended (of the NFC form, so the key is the same on every filesystem)."""
+    relative = unicodedata.normalize("NFC", relative.strip("/"))
+    stem = PurePosixPath(relative).with_suffix("")
+    key = "__".join(_NOT_KEY_CHARS.sub("_", _without_accents(part)) for part in stem.parts)
+    if not relative.isascii():
+        key += "-" + hashlib.sha256(relative.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return key
+
+
+def _without_accents(text: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(char for char in decomposed if not unicodedata.combining(char))
 
 
 def list_images(kind: str, root: Path) -> list[tuple[str, Path]]:
@@ -78,7 +105,8 @@ def list_images(kind: str, root: Path) -> list[tuple[str, Path]]:
     if not root.exists():
         raise FileNotFoundError(f"image source {kind!r}: {root} does not exist; expected {expected}")
     if kind == "folder":
-        found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        # A dangling symlink stays in the list, so the proposal stage reports it as a bad file.
+        found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or _dangling(p))]
         entries = [(key_for(p.relative_to(root).as_posix()), p) for p in found]
     elif kind == "filelist":
         entries = _read_filelist(root) if root.is_file() else []
@@ -88,6 +116,10 @@ def list_images(kind: str, root: Path) -> list[tuple[str, Path]]:
     if not entries:
         raise FileNotFoundError(f"image source {kind!r}: no images in {root}; expected {expected}")
     return _sorted_unique(entries, where=f"image source {kind!r} at {root}")
+
+
+def _dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
 
 
 def _read_filelist(listfile: Path) -> list[tuple[str, Path]]:
@@ -155,14 +187,18 @@ class UnreadableImage(Exception):
     """An image file that cannot become an RGB picture; the message is the reason to record."""
 
 
-def decode_rgb(data: bytes, *, min_side: int = 1, max_pixels: int | None = None) -> tuple[Image.Image, str]:
+def decode_rgb(
+    data: bytes, *, min_side: int = 1, max_pixels: int | None = None, check_jpeg_scan: bool = True
+) -> tuple[Image.Image, str]:
     """Decode image bytes to an RGB PIL image; returns ``(image, format extension)``.
 
     Grayscale, palette, alpha and CMYK images are converted to RGB (alpha is dropped, as
-    torchvision's loaders do; PIL undoes Adobe's inverted CMYK). EXIF orientation is not
-    applied: boxes refer to the stored pixel grid. Raises ``UnreadableImage`` for empty,
-    non-image, truncated, unsupported, too small (a side < ``min_side``) or too large
-    (> ``max_pixels``, checked from the header before decoding) files.
+    torchvision's loaders do; PIL undoes Adobe's inverted CMYK); 16-bit grayscale is scaled
+    to 8 bits. EXIF orientation is not applied: boxes refer to the stored pixel grid. Raises
+    ``UnreadableImage`` for empty, non-image, truncated, unsupported, too small (a side <
+    ``min_side``) or too large (> ``max_pixels``, checked from the header before decoding)
+    files, and (``check_jpeg_scan``) JPEGs whose scan data libjpeg finds damaged: the
+    admission check of the proposal stage; readers of admitted bytes skip its extra decode.
     """
     if not data:
         raise UnreadableImage("empty file (0 bytes)")
@@ -180,10 +216,50 @@ def decode_rgb(data: bytes, *, min_side: int = 1, max_pixels: int | None = None)
                 f"too large: {width}x{height} px > {max_pixels} pixels (decompression bomb guard)"
             )
         image.load()
-        return image.convert("RGB"), SUPPORTED_FORMATS[image.format]
+        if check_jpeg_scan and image.format in ("JPEG", "MPO"):
+            damage = jpeg_scan_damage(data)
+            if damage:
+                raise UnreadableImage(f"damaged JPEG scan data (libjpeg: {damage})")
+        return _to_rgb(image), SUPPORTED_FORMATS[image.format]
     except Image.DecompressionBombError as err:
         raise UnreadableImage(f"too large: {err}") from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         # PIL reports broken files as OSError (truncated, unidentified), SyntaxError (broken PNG
         # chunks) or ValueError/EOFError (bad headers).
         raise UnreadableImage(f"cannot decode: {type(err).__name__}: {err}") from err
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode not in WIDE_GRAY_MODES:
+        return image.convert("RGB")
+    wide = np.asarray(image).astype(np.int64).clip(0, 65535)
+    eight_bit = ((wide * 255 + 32767) // 65535).astype(np.uint8)  # 0..65535 -> 0..255, rounded
+    return Image.fromarray(eight_bit, "L").convert("RGB")
+
+
+# fd 2 is one per process: one capture at a time (threads of a process would swap it mid-way).
+_STDERR_CAPTURE = threading.Lock()
+
+
+def jpeg_scan_damage(data: bytes) -> str:
+    """libjpeg's warnings about damaged scan data in a JPEG ('' if none).
+
+    PIL silences libjpeg's warnings and decodes damaged entropy-coded data into wrong pixels.
+    OpenCV's libjpeg prints them on the process's stderr, so the bytes are decoded once more by
+    OpenCV (at 1/8 scale: the entropy decoding that finds the damage is complete, the inverse
+    DCT is cheap) with file descriptor 2 pointed at a temporary file, which is read back.
+    """
+    import cv2
+
+    with _STDERR_CAPTURE, tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        said = captured.read().decode("utf-8", "replace").splitlines()
+    return "; ".join(line.strip() for line in said if line.startswith(JPEG_DAMAGE_WARNINGS))

@@ -1,33 +1,47 @@
-"""Resumable checkpoints in the run's workdir, and the pretrained checkpoint (docs/architecture.md).
+"""Resumable checkpoints in the run's workdir (the pretrained checkpoint is ``regioncl.weights``'s).
 
 A resumable checkpoint is ``checkpoint_{step:08d}.pt`` (a plain ``torch.save`` file) plus
 ``checkpoint_{step:08d}.pt.sha256``, written after it: a checkpoint without a matching checksum
 (the save was cut short, or the file was damaged since) is skipped on resume, with a message,
 and the previous one is used.
+
+Checkpoints hold only tensors and plain values (RNG states included), so they are read with
+``torch.load(weights_only=True)``: the checksum guards against damage, not against a planted
+file (anyone can recompute it), and a pickle that would run code is refused unread. Nothing
+with a NaN or inf is written: a diverged run stops instead of leaving a checkpoint that looks
+fine. ``lock_workdir`` keeps a second process out of a workdir in use.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
+import os
 import pickle
 import random
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from regioncl.io import atomic_path, write_bytes_atomic, write_text_atomic
+from regioncl.io import write_bytes_atomic, write_text_atomic
+from regioncl.weights import check_finite
 
-RESUME_FORMAT = "regioncl.resume/1"
-PRETRAINED_FORMAT = "regioncl.pretrained/1"
+RESUME_FORMAT = "regioncl.resume/2"  # /2: RNG states as tensors and plain values
+LOCK_NAME = ".lock"  # in the workdir, held by the run training there (lock_workdir)
 
 
 class CheckpointError(ValueError):
     """A checkpoint file cannot be used; the message says why."""
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another process holds a workdir's lock."""
 
 
 def checkpoint_path(workdir: Path, step: int) -> Path:
@@ -39,7 +53,10 @@ def _checksum_path(path: Path) -> Path:
 
 
 def save_resume_checkpoint(workdir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``state`` for ``step`` atomically, then delete all but the newest ``keep`` checkpoints."""
+    """Write ``state`` for ``step`` atomically, then delete all but the newest ``keep`` checkpoints.
+
+    Raises FloatingPointError, writing nothing, if a tensor of ``state`` holds a NaN or inf."""
+    check_finite(state, f"checkpoint at step {step}")
     buffer = io.BytesIO()
     torch.save({"format": RESUME_FORMAT, **state}, buffer)
     data = buffer.getvalue()
@@ -60,9 +77,10 @@ def read_resume_checkpoint(path: Path) -> dict[str, Any]:
     if hashlib.sha256(data).hexdigest() != checksum.read_text().strip():
         raise CheckpointError("sha256 does not match the stored checksum (truncated or damaged)")
     try:
-        # Our own file from our own workdir: it holds RNG states (numpy, python) besides tensors.
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"refused: it holds objects other than tensors and plain values ({error})") from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"torch.load failed: {error}") from error
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise CheckpointError(f"format: expected {RESUME_FORMAT!r}")
@@ -80,7 +98,16 @@ def load_latest_checkpoint(workdir: Path, report: Callable[[str], None]) -> tupl
 
 
 def capture_rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every global RNG's state as tensors and plain values (what ``weights_only`` loads)."""
+    bit_generator, key, position, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = {
+        "bit_generator": bit_generator,
+        "key": torch.from_numpy(key.astype(np.int64)),  # the uint32 words, exact in int64
+        "position": int(position),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -88,35 +115,44 @@ def capture_rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["bit_generator"],
+            numpy_state["key"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_pretrained_checkpoint(
-    out: Path,
-    *,
-    method: str,
-    arch: str,
-    steps: int,
-    epochs: int,
-    backbone: dict[str, torch.Tensor],
-    transfer: dict[str, dict[str, torch.Tensor]],
-    config: dict[str, Any],
-) -> None:
-    """The contract file: format, method, arch, steps, epochs, backbone, transfer, config."""
-    on_cpu = {key: value.detach().cpu() for key, value in backbone.items()}
-    transfer_cpu = {name: {k: v.detach().cpu() for k, v in sd.items()} for name, sd in transfer.items()}
-    state = {
-        "format": PRETRAINED_FORMAT,
-        "method": method,
-        "arch": arch,
-        "steps": steps,
-        "epochs": epochs,
-        "backbone": on_cpu,
-        "transfer": transfer_cpu,
-        "config": config,
-    }
-    with atomic_path(out) as tmp:
-        torch.save(state, tmp)
+@contextlib.contextmanager
+def lock_workdir(workdir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``workdir`` (``flock`` on ``workdir/.lock``) for the block.
+
+    Two runs in one workdir would interleave their metrics and overwrite each other's
+    checkpoints; the second raises WorkdirBusyError naming the workdir and the holder's pid.
+    The lock goes with the process, so a killed run leaves no stale lock behind."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / LOCK_NAME
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise WorkdirBusyError(
+                f"{workdir}: another process (pid {holder}) is training in this workdir; "
+                "wait for it to finish or use another workdir"
+            ) from error
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from regioncl.device import wants_cuda
+
 DEFAULT_PORT = 29500
 
 
@@ -72,19 +74,6 @@ def read_dist_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
             launcher="slurm",
         )
     return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=DEFAULT_PORT, launcher="single")
-
-
-def wants_cuda(device: str, where: str = "device") -> bool:
-    """Whether a ``device`` setting (``auto``: the GPU when torch sees one, ``cpu``, ``cuda``)
-    means CUDA here; ``cuda`` on a machine without a GPU is an error naming ``where``."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"{where}: expected 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"{where}: 'cuda' but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
-            "expected 'auto' or 'cpu' on this machine"
-        )
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
 def init_distributed(env: DistEnv, device: str = "auto") -> torch.device:

@@ -1,4 +1,7 @@
-"""Per-step schedules: learning rate (linear warmup, then cosine to 0) and BYOL's EMA momentum."""
+"""The per-step learning rate: linear warmup, then cosine to 0.
+
+(EMA momentum schedules live with the EMA code, in ``regioncl.models.momentum``.)
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,3 @@ def warmup_cosine_lr(step: int, *, base_lr: float, warmup_steps: int, total_step
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
 
-
-def cosine_momentum(step: int, *, base_momentum: float, total_steps: int) -> float:
-    """BYOL's target momentum: m = 1 - (1 - base_momentum) * (cos(pi * step / total_steps) + 1) / 2, rising to 1."""
-    return 1 - (1 - base_momentum) * (math.cos(math.pi * step / total_steps) + 1) / 2

@@ -2,35 +2,36 @@
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from regioncl.methods.base import get_method
-from regioncl.settings import _coerce, from_dict_strict, to_plain_dict
+from regioncl.settings import Settings, bounded
 
 
 @dataclass(frozen=True)
-class OptimizerSettings:
+class OptimizerSettings(Settings):
     name: Literal["sgd", "lars"] = "sgd"
-    base_lr: float = 0.03  # at ``reference_batch``; lr = base_lr * batch_size / reference_batch
-    reference_batch: int = 256
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    base_lr: float = bounded(0.03, ge=0)  # at ``reference_batch``; lr = base_lr * batch_size / reference_batch
+    reference_batch: int = bounded(256, ge=1)
+    momentum: float = bounded(0.9, ge=0, le=1)
+    weight_decay: float = bounded(1e-4, ge=0)
 
 
 @dataclass(frozen=True)
-class PretrainSettings:
+class PretrainSettings(Settings):
     """One pretraining run. ``batch_size`` is global (all ranks); each rank gets batch_size / world_size."""
+
+    section: ClassVar[str] = "pretrain"
 
     method: str
     epochs: int
-    method_params: Any  # the method's registered params dataclass (e.g. MocoV2Params)
+    # The method's registered params dataclass (e.g. MocoV2Params), typed by ``field_types``;
+    # None: the method's defaults.
+    method_params: Any = None
     arch: str = "resnet50"
     batch_size: int = 256
-    crop_size: int = 224
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     warmup_epochs: float = 0.0  # linear warmup, then cosine decay to 0, both per step
     num_workers: int = 2
@@ -49,10 +50,12 @@ class PretrainSettings:
 
     def __post_init__(self) -> None:
         params_type = get_method(self.method).Params
+        if self.method_params is None:
+            object.__setattr__(self, "method_params", params_type())
         if not isinstance(self.method_params, params_type):
             raise TypeError(f"method_params: expected {params_type.__name__}, got {type(self.method_params).__name__}")
         for name in (
-            "epochs", "batch_size", "crop_size", "checkpoint_every_steps", "keep_checkpoints", "log_every", "accumulate_steps",
+            "epochs", "batch_size", "checkpoint_every_steps", "keep_checkpoints", "log_every", "accumulate_steps",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
@@ -60,21 +63,16 @@ class PretrainSettings:
             raise ValueError(f"num_workers: expected >= 0, got {self.num_workers}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PretrainSettings:
-        if "method" not in data:
-            raise KeyError("pretrain.method: required (a registered method name)")
-        params_type = get_method(data["method"]).Params
-        params = from_dict_strict(params_type, data.get("method_params", {}), "pretrain.method_params")
-        rest = {key: value for key, value in data.items() if key != "method_params"}
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(rest) - set(names))
-        if unknown:
-            raise ValueError(f"pretrain: unknown key(s) {unknown}; expected some of {names}")
-        if "epochs" not in rest:
-            raise KeyError("pretrain.epochs: required")
-        values = {name: _coerce(value, hints[name], f"pretrain.{name}") for name, value in rest.items()}
-        return cls(method_params=params, **values)
+    def field_types(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        return {"method_params": get_method(data["method"]).Params}
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_plain_dict(self)
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str | None = None) -> PretrainSettings:
+        if "crop_size" in data:
+            method = get_method(data["method"])
+            raise ValueError(
+                f"pretrain.crop_size: view sizes moved into each method's parameters; set them under "
+                f"`methods.{method.name}` (or a run's `method_params`): {method.name} takes "
+                f"{list(method.pixel_params) or 'no view size'}"
+            )
+        return super().from_dict(data, where)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
@@ -22,25 +23,26 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
+from regioncl.curves import MetricsLog
 from regioncl.data.shards import ShardStream
 from regioncl.engine import dist
 from regioncl.engine.checkpoint import (
     capture_rng_state,
     load_latest_checkpoint,
+    lock_workdir,
     restore_rng_state,
     save_resume_checkpoint,
-    write_pretrained_checkpoint,
 )
+from regioncl.engine.loader import ViewStream, epoch_batches, make_loader
 from regioncl.engine.optim import build_optimizer, scaled_lr, set_lr
 from regioncl.engine.schedule import warmup_cosine_lr
 from regioncl.engine.settings import PretrainSettings
-from regioncl.engine.views import ViewStream, epoch_batches, make_loader
-from regioncl.io import write_text_atomic
 from regioncl.methods.base import PretrainMethod, StepInfo, get_method
 from regioncl.models import gather
 from regioncl.models.sync_bn import convert_sync_batchnorm
+from regioncl.progress import Progress
+from regioncl.weights import check_same_run, write_pretrained_checkpoint
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,24 +70,35 @@ def pretrain(
     out: str | Path,
     workdir: str | Path,
     *,
+    metrics: str | Path | None = None,
     stop_after_steps: int | None = None,
 ) -> None:
     """Train ``settings.method`` on ``shards``; write ``out`` once all epochs are done.
 
     Distributed setup comes from the environment (torchrun or SLURM, else one process).
-    ``stop_after_steps``: checkpoint and return once that many steps are done, without writing
-    ``out`` (for wall-clock-limited jobs, and to test resume).
+    Per-step loss and lr go to ``workdir/metrics.jsonl`` (``regioncl.curves``), copied to
+    ``metrics`` with ``out``. ``stop_after_steps``: checkpoint and return once that many steps
+    are done, without writing ``out`` (for wall-clock-limited jobs, and to test resume).
     """
     env = dist.read_dist_env()
     device = dist.init_distributed(env, settings.device)
     try:
-        _train(settings, [Path(s) for s in shards], Path(out), Path(workdir), device, stop_after_steps)
+        # Rank 0 alone writes the workdir, so it alone holds the lock against a second run.
+        with lock_workdir(Path(workdir)) if gather.rank() == 0 else nullcontext():
+            metrics_out = Path(metrics) if metrics is not None else None
+            _train(settings, [Path(s) for s in shards], Path(out), Path(workdir), device, stop_after_steps, metrics_out)
     finally:
         dist.shutdown()
 
 
 def _train(
-    settings: PretrainSettings, shards: list[Path], out: Path, workdir: Path, device: torch.device, stop: int | None
+    settings: PretrainSettings,
+    shards: list[Path],
+    out: Path,
+    workdir: Path,
+    device: torch.device,
+    stop: int | None,
+    metrics_out: Path | None,
 ) -> None:
     rank, world = gather.rank(), gather.world_size()
     is_main = rank == 0
@@ -98,7 +111,7 @@ def _train(
     per_rank_batch = micro_batch * accumulate  # per rank, per optimizer step
 
     torch.manual_seed(settings.seed)  # identical initial weights and queues on every rank
-    method = get_method(settings.method)(settings.method_params, arch=settings.arch, crop_size=settings.crop_size)
+    method = get_method(settings.method)(settings.method_params, arch=settings.arch)
     if settings.sync_bn:
         convert_sync_batchnorm(method, device)  # before the optimizer: on the CPU it makes new BN parameters
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
@@ -119,9 +132,8 @@ def _train(
 
     workdir.mkdir(parents=True, exist_ok=True)
     step = _resume(method, optimizer, scaler, settings, workdir, steps_per_epoch, report=print if is_main else _silent)
-    metrics_path = workdir / "metrics.jsonl"
-    if is_main:
-        _drop_metrics_after(metrics_path, step)
+    log = MetricsLog(workdir / "metrics.jsonl", step) if is_main else None
+    chance = method.chance_loss()
 
     model: nn.Module = method
     if world > 1:
@@ -132,7 +144,7 @@ def _train(
     views = ViewStream(samples, method.make_views, settings.seed)
     loader = make_loader(views, settings.num_workers, settings.seed)
     last_step = total_steps if stop is None else min(stop, total_steps)
-    progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc=f"pretrain {settings.method}")
+    progress = Progress(total_steps, initial=step, desc=f"pretrain {settings.method}", every=settings.log_every)
     tick = time.perf_counter()
     while step < last_step:
         epoch, first_batch = divmod(step, steps_per_epoch)
@@ -165,16 +177,17 @@ def _train(
             step += 1
 
             logged = {name: gather.all_reduce_mean(value).item() for name, value in losses.items()}
+            _check_finite_losses(logged, step)  # on the values logged anyway: no extra host sync
             now = time.perf_counter()
             images_per_s = settings.batch_size / (now - tick)
             tick = now
-            if is_main:
-                record = {"step": step, "epoch": epoch, "lr": lr, "images_per_s": images_per_s, **logged}
-                with metrics_path.open("a") as metrics:
-                    metrics.write(json.dumps(record) + "\n")
-                progress.update(1)
-                if step % settings.log_every == 0 or step == last_step:
-                    progress.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{lr:.4g}", img_s=f"{images_per_s:.1f}")
+            if log is not None:
+                record = {
+                    "step": step, "epoch": epoch, "lr": lr, "momentum": method.momentum_at(info),
+                    "images_per_s": images_per_s, **logged,
+                }
+                log.append(record if chance is None else {**record, "chance_loss": chance})
+                progress.update(step, loss=logged["loss"], lr=lr, img_s=images_per_s)
             if is_main and (step % settings.checkpoint_every_steps == 0 or step == last_step):
                 state = _training_state(method, optimizer, scaler, settings, step, steps_per_epoch)
                 save_resume_checkpoint(workdir, step, state, settings.keep_checkpoints)
@@ -182,6 +195,8 @@ def _train(
                 break
     progress.close()
     if is_main and step == total_steps:
+        if metrics_out is not None:
+            log.publish(metrics_out)
         backbone, transfer = method.transfer_state()
         write_pretrained_checkpoint(
             out,
@@ -193,6 +208,13 @@ def _train(
             transfer=transfer,
             config=settings.to_dict(),
         )
+
+
+def _check_finite_losses(losses: dict[str, float], step: int) -> None:
+    """Stop a diverged run at the step it diverged, before its state reaches a checkpoint."""
+    bad = sorted(name for name, value in losses.items() if not math.isfinite(value))
+    if bad:
+        raise FloatingPointError(f"pretrain step {step}: non-finite loss {bad} ({losses}); stopped, nothing written")
 
 
 def _silent(message: str) -> None:
@@ -240,10 +262,7 @@ def _resume(
     if found is None:
         return 0
     state, path = found
-    stored, current = state["config"], settings.to_dict()
-    changed = sorted(key for key in current.keys() | stored.keys() if key not in RESUME_MAY_CHANGE and stored.get(key) != current.get(key))
-    if changed:
-        raise ValueError(f"resume: {path} was written with different settings for {changed}; use a new workdir")
+    check_same_run(path, state["config"], settings.to_dict(), RESUME_MAY_CHANGE)
     if state["steps_per_epoch"] != steps_per_epoch:
         raise ValueError(
             f"resume: {path} has {state['steps_per_epoch']} steps per epoch, the shards now give {steps_per_epoch}"
@@ -254,13 +273,6 @@ def _resume(
     restore_rng_state(state["rng"])
     report(f"resuming from step {state['step']} (checkpoint {path})")
     return state["step"]
-
-
-def _drop_metrics_after(path: Path, step: int) -> None:
-    """Keep metric lines up to ``step``: the steps after it will be trained (and logged) again."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
-        write_text_atomic(path, "".join(kept))
 
 
 def _to_device(batch: Any, device: torch.device, memory_format: torch.memory_format) -> Any:

@@ -1,6 +1,10 @@
 """Pretraining methods, registered by name (``get_method("moco_v2")``)."""
 
 from regioncl.methods import byol, moco_v2  # noqa: E402,F401 -- importing a method module registers it
+from regioncl.methods import detco, dupr  # noqa: E402,F401
+from regioncl.methods import soco  # noqa: E402,F401
+from regioncl.methods import resim  # noqa: E402,F401
+from regioncl.methods import plrc  # noqa: E402,F401
 from regioncl.methods.base import (
     METHODS,
     PretrainMethod,

@@ -11,7 +11,7 @@ checkpoint exports.
 from __future__ import annotations
 
 import abc
-import importlib
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -57,12 +57,19 @@ class PretrainMethod(nn.Module, abc.ABC):
     ragged_keys: ClassVar[frozenset[str]] = frozenset()
     # DDP must search for unused parameters when a method's loss skips some (e.g. a switch by epoch).
     find_unused_parameters: ClassVar[bool] = False
+    # Fields of ``Params`` that are sizes in view pixels (view sizes, window sizes), set for the
+    # papers' 224-px views; ``scaled_params`` scales them together (benchmarks, toy runs).
+    pixel_params: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, params: Any, *, arch: str, crop_size: int) -> None:
+    def __init__(self, params: Any, *, arch: str) -> None:
         super().__init__()
         self.params = params
         self.arch = arch
-        self.crop_size = crop_size
+
+    @classmethod
+    def scaled_params(cls, params: Any, scale: float) -> Any:
+        """``params`` with every ``pixel_params`` field multiplied by ``scale`` (rounded to whole px)."""
+        return dataclasses.replace(params, **{name: max(1, round(getattr(params, name) * scale)) for name in cls.pixel_params})
 
     @abc.abstractmethod
     def make_views(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
@@ -96,6 +103,11 @@ class PretrainMethod(nn.Module, abc.ABC):
         for online, target in self.momentum_pairs():
             ema_update_(target, online, momentum)
 
+    def chance_loss(self) -> float | None:
+        """The loss of a model that has learned nothing (drawn on the loss curves), or None
+        where the method has no such level (a regression loss such as BYOL's)."""
+        return None
+
     def transfer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
         """(backbone state dict in torchvision ResNet names without fc.*, {extra module: state dict})."""
         return self.backbone.state_dict(), {}
@@ -115,19 +127,13 @@ def register_method(name: str) -> Callable[[type[PretrainMethod]], type[Pretrain
     return register
 
 
-def _load_builtin_methods() -> None:
-    # The package's __init__ imports every method module, which registers them; importing it
-    # here (not at module level) keeps regioncl.engine free of an import cycle with the methods.
-    importlib.import_module("regioncl.methods")
-
-
+# Importing this module runs the package's __init__ first, which imports (and so registers)
+# every built-in method: the registry is complete whenever these are callable.
 def available_methods() -> list[str]:
-    _load_builtin_methods()
     return sorted(METHODS)
 
 
 def get_method(name: str) -> type[PretrainMethod]:
-    _load_builtin_methods()
     if name not in METHODS:
         raise KeyError(f"method: {name!r} is not registered; registered: {sorted(METHODS)}")
     return METHODS[name]

@@ -17,27 +17,29 @@ import numpy as np
 import torch
 
 from regioncl.augment import BYOL_RECIPES, apply_photometric, to_normalized_tensor
-from regioncl.engine.schedule import cosine_momentum
 from regioncl.geometry import random_resized_crop, render_view
 from regioncl.losses import byol_loss
 from regioncl.methods.base import PretrainMethod, StepInfo, register_method
-from regioncl.models import MLPHead, ResNetBackbone, make_target
+from regioncl.models import MLPHead, ResNetBackbone, cosine_momentum, make_target
+from regioncl.settings import bounded
 
 
 @dataclass(frozen=True)
 class ByolParams:
     feature_dim: int = 256
     hidden_dim: int = 4096
-    base_momentum: float = 0.99  # tau_base; rises to 1 by the last step
+    base_momentum: float = bounded(0.99, ge=0, le=1)  # tau_base; rises to 1 by the last step
+    crop_size: int = bounded(224, ge=1)  # view px of both crops
     crop_scale: tuple[float, float] = (0.08, 1.0)
 
 
 @register_method("byol")
 class Byol(PretrainMethod):
     Params = ByolParams
+    pixel_params = ("crop_size",)
 
-    def __init__(self, params: ByolParams, *, arch: str, crop_size: int) -> None:
-        super().__init__(params, arch=arch, crop_size=crop_size)
+    def __init__(self, params: ByolParams, *, arch: str) -> None:
+        super().__init__(params, arch=arch)
         self.backbone = ResNetBackbone(arch)
         head = dict(num_layers=2, batch_norm=True)
         self.projector = MLPHead(self.backbone.out_channels, params.hidden_dim, params.feature_dim, **head)
@@ -50,7 +52,7 @@ class Byol(PretrainMethod):
         width, height = sample["image"].size
         views = {}
         for name, recipe in zip(("view1", "view2"), BYOL_RECIPES):
-            view = random_resized_crop(width, height, self.crop_size, rng, scale=self.params.crop_scale)
+            view = random_resized_crop(width, height, self.params.crop_size, rng, scale=self.params.crop_scale)
             views[name] = to_normalized_tensor(apply_photometric(render_view(sample["image"], view), recipe, rng))
         return views
 

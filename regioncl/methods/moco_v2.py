@@ -5,12 +5,13 @@
     theta_k <- m theta_k + (1 - m) theta_q  after every step        (PretrainMethod.update_momentum)
     queue <- enqueue(all keys of the global batch), dequeue the oldest
 
-Keys are computed with shuffle-BN across ranks so BN statistics cannot leak which key is the
-positive (paper sec. 3.3); with one process it is the identity and is skipped.
+Keys are computed with shuffle-BN across ranks (regioncl.models.shuffle_bn) so BN statistics cannot
+leak which key is the positive (paper sec. 3.3); with one process it is the identity.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,16 +23,18 @@ from regioncl.augment import MOCO_V2_RECIPE, apply_photometric, to_normalized_te
 from regioncl.geometry import random_resized_crop, render_view
 from regioncl.losses import info_nce
 from regioncl.methods.base import PretrainMethod, StepInfo, register_method
-from regioncl.models import FeatureQueue, MLPHead, ResNetBackbone, gather, make_target
+from regioncl.models import FeatureQueue, MLPHead, ResNetBackbone, make_target, shuffle_bn_encode
+from regioncl.settings import bounded
 
 
 @dataclass(frozen=True)
 class MocoV2Params:
     feature_dim: int = 128
     hidden_dim: int | None = None  # None: the backbone's width (2048 for R50), as in the paper
-    queue_size: int = 65536
-    momentum: float = 0.999
-    temperature: float = 0.2
+    queue_size: int = bounded(65536, ge=1)  # the plan also checks it holds a global batch
+    momentum: float = bounded(0.999, ge=0, le=1)
+    temperature: float = bounded(0.2, gt=0)
+    crop_size: int = bounded(224, ge=1)  # view px of both crops
     crop_scale: tuple[float, float] = (0.2, 1.0)
     shuffle_bn: bool = True
 
@@ -39,9 +42,10 @@ class MocoV2Params:
 @register_method("moco_v2")
 class MocoV2(PretrainMethod):
     Params = MocoV2Params
+    pixel_params = ("crop_size",)
 
-    def __init__(self, params: MocoV2Params, *, arch: str, crop_size: int) -> None:
-        super().__init__(params, arch=arch, crop_size=crop_size)
+    def __init__(self, params: MocoV2Params, *, arch: str) -> None:
+        super().__init__(params, arch=arch)
         self.backbone = ResNetBackbone(arch)
         width = self.backbone.out_channels
         self.head = MLPHead(width, params.hidden_dim or width, params.feature_dim)
@@ -54,7 +58,7 @@ class MocoV2(PretrainMethod):
         width, height = sample["image"].size
         views = {}
         for name in ("query", "key"):
-            view = random_resized_crop(width, height, self.crop_size, rng, scale=self.params.crop_scale)
+            view = random_resized_crop(width, height, self.params.crop_size, rng, scale=self.params.crop_scale)
             views[name] = to_normalized_tensor(apply_photometric(render_view(sample["image"], view), MOCO_V2_RECIPE, rng))
         return views
 
@@ -64,29 +68,18 @@ class MocoV2(PretrainMethod):
     def momentum_at(self, step_info: StepInfo) -> float:
         return self.params.momentum
 
+    def chance_loss(self) -> float:
+        """InfoNCE over 1 positive and K queued negatives scoring alike: ln(1 + K)."""
+        return math.log(1 + self.params.queue_size)
+
     def _encode_keys(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head_k(self.backbone_k(images)), dim=1)
 
-    @torch.no_grad()
-    def _keys(self, images: torch.Tensor, step_info: StepInfo) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, S, S) key views -> (this rank's keys (B, D), all ranks' keys (world*B, D) in rank order)."""
-        world = gather.world_size()
-        if world == 1 or not self.params.shuffle_bn:
-            keys = self._encode_keys(images)
-            return keys, gather.all_gather_no_grad(keys)
-        all_images = gather.all_gather_no_grad(images)  # (world*B, 3, S, S)
-        # The same permutation on every rank, without a broadcast: seeded by (run seed, step).
-        generator = torch.Generator().manual_seed((step_info.seed * 1_000_003 + step_info.step) % 2**63)
-        permutation = torch.randperm(all_images.shape[0], generator=generator).to(images.device)
-        mine = permutation.view(world, -1)[gather.rank()]
-        shuffled_keys = gather.all_gather_no_grad(self._encode_keys(all_images[mine]))  # row i: image permutation[i]
-        all_keys = torch.empty_like(shuffled_keys)
-        all_keys[permutation] = shuffled_keys
-        return all_keys.view(world, images.shape[0], -1)[gather.rank()], all_keys
-
     def forward(self, batch: dict[str, torch.Tensor], step_info: StepInfo) -> dict[str, torch.Tensor]:
         q = F.normalize(self.head(self.backbone(batch["query"])), dim=1)  # (B, D)
-        k, all_keys = self._keys(batch["key"], step_info)  # (B, D), (world*B, D)
+        k, all_keys = shuffle_bn_encode(  # (B, D), (world*B, D) in rank order; no gradient
+            self._encode_keys, batch["key"], seed=step_info.seed, step=step_info.step, enabled=self.params.shuffle_bn
+        )
         # A copy: the enqueue below writes the buffer that backward still needs.
         loss = info_nce(q, k, self.queue.features.clone(), self.params.temperature)
         self.queue.enqueue(all_keys)

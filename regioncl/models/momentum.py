@@ -1,4 +1,5 @@
-"""Momentum (EMA) target encoders and feature queues, shared by MoCo, BYOL, SoCo, DetCo, ...
+"""Momentum (EMA) target encoders, their momentum schedule, and feature queues, shared by MoCo,
+BYOL, SoCo, DetCo, ... (a method gets all of it here, never from the engine).
 
 The queue is a registered buffer, so it rides in the method's state dict and is checkpointed
 and resumed with the weights.
@@ -7,6 +8,7 @@ and resumed with the weights.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -28,6 +30,11 @@ def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
     """
     for target_param, online_param in zip(target.parameters(), online.parameters(), strict=True):
         target_param.mul_(momentum).add_(online_param.detach(), alpha=1 - momentum)
+
+
+def cosine_momentum(step: int, *, base_momentum: float, total_steps: int) -> float:
+    """BYOL's target momentum: m = 1 - (1 - base_momentum) * (cos(pi * step / total_steps) + 1) / 2, rising to 1."""
+    return 1 - (1 - base_momentum) * (math.cos(math.pi * step / total_steps) + 1) / 2
 
 
 class FeatureQueue(nn.Module):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from regioncl.data.proposals_file import read_proposals
 from regioncl.proposals.chunk import (
     ChunkReport,
     ProposalSettings,
-    read_proposals,
     run_chunk,
 )
 from regioncl.proposals.filters import BoxFilterSettings, filter_boxes

@@ -7,9 +7,7 @@ report and skipped; they never abort the chunk. Only a chunk with no good image 
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
@@ -22,12 +20,11 @@ from typing import Any, ClassVar
 
 import cv2
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-from tqdm import tqdm
 
+from regioncl.data.proposals_file import write_proposals
 from regioncl.data.sources import UnreadableImage, chunk_of, decode_rgb, read_image_list
-from regioncl.io import atomic_path, write_json_atomic
+from regioncl.io import write_json_atomic
+from regioncl.progress import Progress
 from regioncl.proposals.filters import (
     RULES,
     BoxFilterSettings,
@@ -41,24 +38,9 @@ from regioncl.proposals.selective_search import (
 from regioncl.settings import Settings
 
 PROPOSAL_MODES = ("selective_search", "random")
-PROPOSALS_FORMAT = "regioncl.proposals/1"
-# Parquet schema metadata key holding {"format", "settings"}: a chunk file says how it was made.
-METADATA_KEY = b"regioncl"
 # Tasks in flight per worker process: enough to keep every worker busy while the main process
 # consumes results in order, few enough that memory does not grow with the chunk.
 _WINDOW_PER_PROCESS = 4
-
-PARQUET_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("path", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("boxes", pa.list_(pa.float64())),  # 4 per box: x1, y1, x2, y2 in original px
-        ("rule", pa.string()),  # which filter rule produced the boxes (filters.RULES)
-    ]
-)
-
 
 @dataclass(frozen=True)
 class ProposalSettings(Settings):
@@ -213,15 +195,15 @@ def run_chunk(
     bad: list[BadImage] = []
     start = time.perf_counter()
     with _results(tasks, processes) as results:
-        progress = tqdm(total=len(tasks), desc=f"proposals chunk {chunk}", unit="img", file=sys.stderr)
+        progress = Progress(len(tasks), desc=f"proposals chunk {chunk} (images)")
         try:
             for result in results:
                 (good if isinstance(result, ImageProposals) else bad).append(result)
-                progress.update()
+                progress.update(len(good) + len(bad))
         except BrokenProcessPool as err:
             raise RuntimeError(
                 f"proposals chunk {chunk} of {num_chunks}: a worker process died while segmenting "
-                f"{tasks[progress.n][1]} or an image after it ({err})"
+                f"{tasks[len(good) + len(bad)][1]} or an image after it ({err})"
             ) from err
         finally:
             progress.close()
@@ -233,7 +215,7 @@ def run_chunk(
             f"{len(entries)} (first reasons: {reasons or 'the chunk is empty'})"
         )
     good.sort(key=lambda item: item.key)
-    _write_parquet(good, settings, out_parquet)
+    write_proposals(good, settings.to_dict(), out_parquet)
     rules = Counter(item.rule for item in good)
     report = ChunkReport(
         chunk=chunk,
@@ -254,44 +236,3 @@ def run_chunk(
     return report
 
 
-def _write_parquet(rows: Sequence[ImageProposals], settings: ProposalSettings, out: Path) -> None:
-    # Boxes go to Arrow straight from numpy (offsets + one flat array), not through Python floats.
-    offsets = np.concatenate([[0], np.cumsum([row.boxes.size for row in rows])]).astype(np.int32)
-    coordinates = np.concatenate([row.boxes.reshape(-1) for row in rows]).astype(np.float64)
-    table = pa.Table.from_pydict(
-        {
-            "key": [row.key for row in rows],
-            "path": [row.path for row in rows],
-            "width": [row.width for row in rows],
-            "height": [row.height for row in rows],
-            "boxes": pa.ListArray.from_arrays(pa.array(offsets), pa.array(coordinates)),
-            "rule": [row.rule for row in rows],
-        },
-        schema=PARQUET_SCHEMA,
-    )
-    metadata = {"format": PROPOSALS_FORMAT, "settings": settings.to_dict()}
-    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
-    with atomic_path(out) as tmp:
-        pq.write_table(table, tmp)
-
-
-def read_proposal_settings(path: Path) -> dict[str, Any]:
-    """The settings that made a chunk parquet, after checking (from its footer only) that it is one."""
-    schema = pq.read_schema(path)
-    raw = (schema.metadata or {}).get(METADATA_KEY)
-    metadata = json.loads(raw) if raw else {}
-    if metadata.get("format") != PROPOSALS_FORMAT or schema.remove_metadata() != PARQUET_SCHEMA:
-        raise ValueError(
-            f"{path}: not a regioncl proposals file (expected format {PROPOSALS_FORMAT!r} with columns "
-            f"{', '.join(PARQUET_SCHEMA.names)}); re-run the proposals stage"
-        )
-    return metadata["settings"]
-
-
-def read_proposals(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows of a chunk parquet (``boxes`` as (K, 4) float64 arrays) and the settings that made it."""
-    settings = read_proposal_settings(path)
-    rows = pq.read_table(path).to_pylist()
-    for row in rows:
-        row["boxes"] = np.asarray(row["boxes"], dtype=np.float64).reshape(-1, 4)
-    return rows, settings

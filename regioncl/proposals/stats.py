@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from regioncl.data.proposals_file import read_proposal_settings
 from regioncl.io import write_json_atomic
-from regioncl.proposals.chunk import read_proposal_settings
 from regioncl.proposals.filters import RULES
 
 STATS_FORMAT = "regioncl.proposal_stats/1"

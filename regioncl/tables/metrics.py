@@ -1,7 +1,8 @@
 """Reading the evaluator's metrics JSON files (`regioncl evaluate`) into pandas.
 
-A file holds `method`, `run`, `benchmark`, `seed` and `metrics: {iou_type: {name: value}}`
-with values in percent (e.g. `{"bbox": {"AP": 40.1, "AP50": 60.2}, "segm": {...}}`).
+A file holds `method`, `run`, `benchmark`, `seed` and `metrics: {kind: {name: value}}`
+with values in percent (e.g. `{"bbox": {"AP": 40.1, "AP50": 60.2}, "segm": {...}}`; the
+representation probe, `regioncl probe`, writes `{"probe": {"accuracy": 71.3}}`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 
 import pandas as pd
 
-REQUIRED_FIELDS = ("method", "run", "benchmark", "seed", "metrics")
+LABELS = ("method", "run", "benchmark", "seed")  # what a record's numbers are of
+REQUIRED_FIELDS = (*LABELS, "metrics")
 
 
 def read_metrics_records(paths: Sequence[Path]) -> list[tuple[Path, dict[str, Any]]]:
@@ -30,6 +32,11 @@ def read_metrics_records(paths: Sequence[Path]) -> list[tuple[Path, dict[str, An
     return records
 
 
+def labels_of(record: dict[str, Any]) -> dict[str, Any]:
+    """A record's ``LABELS``, typed (the seed as an int)."""
+    return {**{name: record[name] for name in LABELS}, "seed": int(record["seed"])}
+
+
 def load_metric_values(paths: Sequence[Path]) -> pd.DataFrame:
     """Long table, one row per (file, metric): method, run, benchmark, seed, metric, value.
 
@@ -38,17 +45,10 @@ def load_metric_values(paths: Sequence[Path]) -> pd.DataFrame:
     so its cell shows as missing.
     """
     rows = [
-        {
-            "method": record["method"],
-            "run": record["run"],
-            "benchmark": record["benchmark"],
-            "seed": int(record["seed"]),
-            "metric": f"{iou_type}.{name}",
-            "value": float(value),
-        }
+        {**labels_of(record), "metric": f"{iou_type}.{name}", "value": float(value)}
         for _, record in read_metrics_records(paths)
         for iou_type, values in record["metrics"].items()
         for name, value in values.items()
         if value is not None
     ]
-    return pd.DataFrame(rows, columns=["method", "run", "benchmark", "seed", "metric", "value"])
+    return pd.DataFrame(rows, columns=[*LABELS, "metric", "value"])

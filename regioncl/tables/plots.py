@@ -7,7 +7,6 @@ table's data.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -17,10 +16,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from regioncl.io import atomic_path  # noqa: E402
+from regioncl.tables.layout import PaperTable  # noqa: E402
 from regioncl.tables.render import metric_label  # noqa: E402
-
-if TYPE_CHECKING:
-    from regioncl.tables.paper import PaperTable
 
 Series = dict[str, list[tuple[int, float]]]
 
@@ -48,7 +45,7 @@ def plot_ap_vs_epochs(data: pd.DataFrame, benchmark: str, metric: str, out: Path
             if shown.empty:
                 continue
             drawn[source][method] = list(zip(shown["x"].tolist(), shown[column].tolist(), strict=True))
-            errors = shown["std"].fillna(0).to_numpy() if source == "ours" else None
+            errors = _error_bars(shown["std"]) if source == "ours" else None
             axes.errorbar(shown["x"], shown[column], yerr=errors, fmt=style, capsize=3, label=f"{method} ({source})")
     axes.set_xlabel("pretraining epochs")
     axes.set_ylabel(f"{metric_label(metric)} (%)")
@@ -75,14 +72,22 @@ def plot_benchmark_bars(data: pd.DataFrame, table: PaperTable, out: Path) -> dic
             for label, ours, paper in zip(labels, cells["mean"], cells["paper"], strict=True)
         }
         x = np.arange(len(labels))
-        axes.bar(x - 0.2, cells["mean"], width=0.4, yerr=cells["std"].fillna(0), capsize=3, label="ours")
-        axes.bar(x + 0.2, cells["paper"], width=0.4, label="paper")
+        has_paper = cells["paper"].notna().any()  # no empty "paper" legend entry
+        offset = 0.2 if has_paper else 0.0
+        axes.bar(x - offset, cells["mean"], width=0.4, yerr=_error_bars(cells["std"]), capsize=3, label="ours")
+        if has_paper:
+            axes.bar(x + offset, cells["paper"], width=0.4, label="paper")
         axes.set_xticks(x, labels, rotation=30, ha="right", fontsize="small")
         axes.set_ylabel(f"{metric_label(metric)} (%)")
         axes.set_title(f"{group.benchmark} {group.label}".strip())
         axes.legend(fontsize="small")
     _save(figure, out)
     return drawn
+
+
+def _error_bars(std: pd.Series) -> np.ndarray | None:
+    """Std over seeds as error bars; None where no cell has two seeds (NaN std): no ±0 bars."""
+    return None if std.isna().all() else std.to_numpy(dtype=float)
 
 
 def _epochs_text(epochs: object) -> str:

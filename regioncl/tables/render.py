@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import html
 import re
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from regioncl.tables.layout import PaperTable
 from regioncl.tables.summary import format_mean_std
-
-if TYPE_CHECKING:
-    from regioncl.tables.paper import PaperTable
 
 MISSING = "—"
 LINES = ("ours", "paper", "Δ")

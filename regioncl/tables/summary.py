@@ -1,7 +1,8 @@
-"""The summary table: one row per (method, run, benchmark), AP columns as mean ± std over seeds.
+"""The summary table: one row per (method, run, benchmark), metric columns as mean ± std over seeds.
 
-Input: the evaluator's metrics JSON files (`regioncl evaluate`), each with `method`, `run`,
-`benchmark`, `seed` and `metrics: {iou_type: {AP, AP50, AP75, ...}}` in percent.
+Input: metrics records (`regioncl.tables.metrics`). The evaluator's (`regioncl evaluate`) kinds are
+`bbox` and `segm`, of which the table shows AP, AP50 and AP75; any other kind (the probe's
+`probe.accuracy`, `regioncl probe`) adds all its values as columns after them.
 """
 
 from __future__ import annotations
@@ -12,45 +13,45 @@ from pathlib import Path
 import pandas as pd
 
 from regioncl.io import write_text_atomic
-from regioncl.tables.metrics import read_metrics_records
+from regioncl.tables.metrics import LABELS, labels_of, read_metrics_records
 
 METRICS = ("AP", "AP50", "AP75")
 IOU_TYPE_LABELS = {"bbox": "box", "segm": "mask"}
 
 
 def load_metrics(paths: Sequence[Path]) -> pd.DataFrame:
-    """Long table: one row per (file, iou_type) with the AP columns."""
+    """Long table: one row per (file, shown metric): method, run, benchmark, seed, column, value.
+
+    `column` is the metric's column label: `box AP50`, `mask AP`, `probe accuracy`.
+    """
     rows = []
     for path, record in read_metrics_records(paths):
-        for iou_type, values in record["metrics"].items():
-            absent = [m for m in METRICS if m not in values]
-            if absent:
-                raise ValueError(f"{path}: metrics.{iou_type} lacks {absent}; expected {list(METRICS)}")
-            rows.append(
-                {
-                    "method": record["method"],
-                    "run": record["run"],
-                    "benchmark": record["benchmark"],
-                    "seed": int(record["seed"]),
-                    "iou_type": iou_type,
-                    **{m: float(values[m]) for m in METRICS},
-                }
-            )
-    return pd.DataFrame(rows)
+        for kind, values in record["metrics"].items():
+            if kind in IOU_TYPE_LABELS:
+                absent = [m for m in METRICS if m not in values]
+                if absent:
+                    raise ValueError(f"{path}: metrics.{kind} lacks {absent}; expected {list(METRICS)}")
+                shown = {m: values[m] for m in METRICS}
+            else:
+                shown = {name: value for name, value in values.items() if value is not None}
+            rows += [
+                {**labels_of(record), "column": f"{IOU_TYPE_LABELS.get(kind, kind)} {name}", "value": float(value)}
+                for name, value in shown.items()
+            ]
+    return pd.DataFrame(rows, columns=[*LABELS, "column", "value"])
 
 
 def summarize(long: pd.DataFrame) -> pd.DataFrame:
-    """Wide table: index (method, run, benchmark); columns `<box|mask> <metric> mean|std`, `seeds`.
+    """Wide table: index (method, run, benchmark); columns `<column> mean|std` (e.g. `box AP
+    mean`), `seeds` (how many seeds the row's records have).
 
-    Baselines without pretraining (`random`) come first, then runs in name order.
+    Box, then mask columns (AP, AP50, AP75), then other kinds' in name order. Baselines without
+    pretraining (`random`) come first, then runs in name order.
     """
-    grouped = long.groupby(["method", "run", "benchmark", "iou_type"])[list(METRICS)]
-    stats = grouped.agg(["mean", "std"])
+    stats = long.groupby(["method", "run", "benchmark", "column"])["value"].agg(["mean", "std"])
     seeds = long.groupby(["method", "run", "benchmark"])["seed"].nunique().rename("seeds")
-    wide = stats.unstack("iou_type")
-    wide.columns = [
-        f"{IOU_TYPE_LABELS.get(iou_type, iou_type)} {metric} {stat}" for metric, stat, iou_type in wide.columns
-    ]
+    wide = stats.unstack("column")
+    wide.columns = [f"{column} {stat}" for stat, column in wide.columns]
     ordered = sorted(wide.columns, key=_column_order)
     table = wide[ordered].join(seeds).reset_index()
     table["is_baseline"] = table["method"] == "random"
@@ -58,9 +59,13 @@ def summarize(long: pd.DataFrame) -> pd.DataFrame:
     return table.drop(columns="is_baseline").reset_index(drop=True)
 
 
-def _column_order(column: str) -> tuple[int, int, int]:
+def _column_order(column: str) -> tuple[int, int | str, int]:
     kind, metric, stat = column.split(" ")
-    return (list(IOU_TYPE_LABELS.values()).index(kind), METRICS.index(metric), ("mean", "std").index(stat))
+    stat_order = ("mean", "std").index(stat)
+    labels = list(IOU_TYPE_LABELS.values())
+    if kind in labels:
+        return (labels.index(kind), METRICS.index(metric), stat_order)
+    return (len(labels), f"{kind} {metric}", stat_order)
 
 
 def to_markdown(table: pd.DataFrame) -> str:

@@ -6,44 +6,113 @@ every torchvision benchmark) works without detectron2 installed.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 from regioncl.transfer.benchmarks import BenchmarkSettings
 
-# Which converted weights file each backend loads (rule convert writes both).
-WEIGHTS_SUFFIX = {"torchvision": ".tv.pth", "detectron2": ".d2.pkl"}
+DETECTRON2_COMMIT = "02b5c4e295e990042a714712c21dc79b731e8833"
 
 
-def backend_module(benchmark: BenchmarkSettings) -> ModuleType:
-    if benchmark.backend == "detectron2":
-        try:
-            from regioncl.transfer import detectron2_backend
-        except ModuleNotFoundError as error:
-            raise ModuleNotFoundError(
-                f"benchmark {benchmark.name!r} has backend 'detectron2', which is not installed "
-                f"({error}); install detectron2 from source (docs/transfer.md) or set backend: torchvision"
-            ) from error
-        return detectron2_backend
-    from regioncl.transfer import torchvision_backend
+@dataclass(frozen=True)
+class Backend:
+    """A finetuning backend: its module (exposing ``finetune`` and ``evaluate`` with the same
+    signatures), the converted weights it loads (rule convert writes both), the launch options
+    its two functions take besides the common ones, and, for a backend outside
+    requirements.lock, the package that must import and how to install it."""
 
-    return torchvision_backend
+    module: str
+    weights_suffix: str
+    launch_options: tuple[str, ...] = ()
+    package: str | None = None
+    install: str = ""
+
+
+BACKENDS = {
+    "torchvision": Backend("regioncl.transfer.torchvision_backend", ".tv.pth"),
+    "detectron2": Backend(
+        "regioncl.transfer.detectron2_backend",
+        ".d2.pkl",
+        launch_options=("num_gpus", "num_machines", "machine_rank", "dist_url", "num_workers"),
+        package="detectron2",
+        install="pip install 'setuptools<81' wheel && pip install --no-build-isolation "
+        f"'git+https://github.com/facebookresearch/detectron2.git@{DETECTRON2_COMMIT}' "
+        "(full recipe, GPU builds included: docs/transfer.md, 'detectron2 extras')",
+    ),
+}
+WEIGHTS_SUFFIX = {name: backend.weights_suffix for name, backend in BACKENDS.items()}
+
+
+def backend_installed(backend: str) -> bool:
+    """Whether ``backend``'s package is importable here (torchvision's always is)."""
+    package = BACKENDS[backend].package
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+def missing_backends(benchmark_backends: Mapping[str, str]) -> list[str]:
+    """One sentence per backend not installed here: the benchmarks (name -> backend) needing it
+    and its install command. Empty when every benchmark can run."""
+    needed: dict[str, list[str]] = {}
+    for name, backend in benchmark_backends.items():
+        if not backend_installed(backend):
+            needed.setdefault(backend, []).append(name)
+    return [
+        f"backend {backend!r} is not installed, and benchmarks {names} need it; install it with: "
+        f"{BACKENDS[backend].install}"
+        for backend, names in needed.items()
+    ]
+
+
+def backend_module(benchmark: BenchmarkSettings, launch: Mapping[str, object]) -> ModuleType:
+    """The benchmark's backend module, imported now (detectron2 only when asked for), after
+    checking that it takes the ``launch`` options given."""
+    backend = BACKENDS[benchmark.backend]
+    unknown = sorted(set(launch) - set(backend.launch_options))
+    if unknown:
+        raise ValueError(
+            f"launch options {unknown}: only the detectron2 backend takes them "
+            f"(benchmark {benchmark.name!r} runs on {benchmark.backend!r}: its device setting)"
+        )
+    try:
+        return importlib.import_module(backend.module)
+    except ModuleNotFoundError as error:
+        if backend.package is None or error.name != backend.package:
+            raise
+        raise ModuleNotFoundError(
+            f"benchmark {benchmark.name!r} has backend {benchmark.backend!r}, which is not installed "
+            f"({error}); install it with: {backend.install}; or set backend: torchvision"
+        ) from error
 
 
 def finetune(
-    benchmark: BenchmarkSettings, weights: Path | None, seed: int, out: Path, workdir: Path, **launch: int | str
+    benchmark: BenchmarkSettings,
+    weights: Path | None,
+    seed: int,
+    out: Path,
+    workdir: Path,
+    *,
+    metrics: Path | None = None,
+    **launch: int | str,
 ) -> None:
-    """Finetune with the benchmark's backend. ``launch`` (detectron2 only): ``num_gpus``,
+    """Finetune with the benchmark's backend; ``metrics``: where to write the per-iteration
+    losses and lr (``regioncl.curves``). ``launch`` (detectron2 only): ``num_gpus``,
     ``num_machines``, ``machine_rank``, ``dist_url``, ``num_workers``."""
-    if launch and benchmark.backend != "detectron2":
-        raise ValueError(f"launch options {sorted(launch)}: only the detectron2 backend takes them")
-    backend_module(benchmark).finetune(benchmark, weights, seed, out, workdir, **launch)
+    backend_module(benchmark, launch).finetune(benchmark, weights, seed, out, workdir, metrics=metrics, **launch)
 
 
-def evaluate(benchmark: BenchmarkSettings, model_path: Path, out: Path, *, run: str | None = None, method: str | None = None) -> dict:
-    """Score the finetuned detector with the backend's evaluator; returns the written record."""
-    if benchmark.backend == "detectron2":
-        return backend_module(benchmark).evaluate(benchmark, model_path, out, run=run, method=method)
-    from regioncl.transfer.evaluate import evaluate as evaluate_torchvision
-
-    return evaluate_torchvision(benchmark, model_path, out, run=run, method=method)
+def evaluate(
+    benchmark: BenchmarkSettings,
+    model_path: Path,
+    out: Path,
+    *,
+    run: str | None = None,
+    method: str | None = None,
+    **launch: int | str,
+) -> dict:
+    """Score the finetuned detector with the backend's evaluator; returns the written record.
+    ``launch`` (detectron2 only): ``num_gpus`` > 0 evaluates on the GPU (default: the CPU)."""
+    return backend_module(benchmark, launch).evaluate(benchmark, model_path, out, run=run, method=method, **launch)

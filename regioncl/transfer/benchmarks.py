@@ -1,7 +1,7 @@
 """Transfer benchmark definitions: what to finetune, on which data, with which solver.
 
 A benchmark is one ``BenchmarkSettings``, built once from a plain dict (the workflow config's
-``benchmarks.<name>`` entry resolved by ``resolve_benchmark``). Inner code gets typed values.
+``benchmarks.<name>`` entry resolved by ``regioncl.transfer.registry.resolve_benchmark``). Inner code gets typed values.
 
 The defaults are the papers' COCO protocol (MoCo / SoCo / DetCo ... all follow it): Mask or
 Faster R-CNN, R50-FPN, SyncBN finetuned in all stages, 1x schedule (90k iterations, batch 16,
@@ -14,9 +14,10 @@ The papers' own protocols (``config/benchmarks/*.yaml``, loaded by ``regioncl.tr
 run on the detectron2 backend, which also builds R50-C4 detectors (``fpn: false``), RetinaNet,
 norms in the FPN and heads (``fpn_norm``, ``head_norm``), SoCo's 4conv1fc box head, MoCo's extra
 norm after res5 (``res5_extra_norm``), precise BN and LVIS's repeat-factor sampler. The
-torchvision backend builds FPN Faster/Mask R-CNN and RetinaNet (P3-P7) with the norm in the
-backbone only, on the CPU or a GPU (``device``), and rejects the settings it cannot honour, by
-name.
+torchvision backend builds FPN Faster/Mask R-CNN and RetinaNet (P3-P7), with norms in the FPN
+and heads and either box head, on the CPU or a GPU (``device``), and rejects the settings it
+cannot honour, by name. ``transfer`` names the pretrained modules besides the backbone a
+benchmark loads (``pretrained_modules``).
 
 On the CPU a config sets slim heads (e.g. ``heads: {fpn_channels: 64, box_head_dim: 256,
 roi_batch_size_per_image: 128}``): the same code path, smaller numbers.
@@ -29,68 +30,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from regioncl.data.layouts import DatasetSpec
-from regioncl.settings import Settings
+from regioncl.archs import ARCHS
+from regioncl.data.layouts import DATASET_FORMATS, SPLIT_PATHS
+from regioncl.device import DEVICES
+from regioncl.settings import Settings, bounded
 
 BACKENDS = ("torchvision", "detectron2")
 MODEL_FAMILIES = ("faster_rcnn", "mask_rcnn", "retinanet")
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 NORMS = ("bn", "frozen_bn", "syncbn")
 EXTRA_NORMS = ("none", "bn", "syncbn")  # norms added to the FPN / RoI heads ("none": no norm)
 BOX_HEADS = ("2fc", "4conv1fc")  # detectron2 FastRCNNConvFCHead: 0 conv + 2 fc, or 4 conv + 1 fc
+# Pretrained modules a benchmark may load besides the backbone (regioncl.convert.MODULE_PREFIXES).
+TRANSFERABLE = ("fpn", "box_head")
 SAMPLERS = ("uniform", "repeat_factor")  # detectron2 TrainingSampler / RepeatFactorTrainingSampler
 SIZE_SAMPLING = ("choice", "range")  # detectron2 INPUT.MIN_SIZE_TRAIN_SAMPLING
 OPTIMIZERS = ("sgd",)
-DEVICES = ("auto", "cpu", "cuda")  # torchvision backend; "auto": cuda when torch sees a GPU
-# Annotation formats of the detection layouts (how a split's two paths are read):
-#   coco:       annotations = a COCO instances JSON,      images = its image directory
-#   lvis:       annotations = an LVIS v1 JSON,            images = the COCO root holding {train,val}2017
-#   voc:        annotations = VOC<year>/ImageSets/Main/<split>.txt, images = VOC<year>/JPEGImages
-#   cityscapes: annotations = gtFine/<split>,             images = leftImg8bit/<split>
-DATASET_FORMATS = ("coco", "lvis", "voc", "cityscapes")
-
-# Where each dataset layout keeps its detection splits (relative to the dataset root).
-SPLIT_PATHS: dict[str, dict[str, Any]] = {
-    "embedded": {
-        "train_json": "annotations/instances_train.json",
-        "train_images": "train",
-        "val_json": "annotations/instances_val.json",
-        "val_images": "val",
-    },
-    "coco": {
-        "train_json": "annotations/instances_train2017.json",
-        "train_images": "train2017",
-        "val_json": "annotations/instances_val2017.json",
-        "val_images": "val2017",
-    },
-    # VOC07+12 trainval -> VOC07 test (the MoCo protocol)
-    "voc": {
-        "format": "voc",
-        "train_json": "VOC2007/ImageSets/Main/trainval.txt",
-        "train_images": "VOC2007/JPEGImages",
-        "extra_train": [
-            {"annotations": "VOC2012/ImageSets/Main/trainval.txt", "images": "VOC2012/JPEGImages"}
-        ],
-        "val_json": "VOC2007/ImageSets/Main/test.txt",
-        "val_images": "VOC2007/JPEGImages",
-    },
-    "cityscapes": {
-        "format": "cityscapes",
-        "train_json": "gtFine/train",
-        "train_images": "leftImg8bit/train",
-        "val_json": "gtFine/val",
-        "val_images": "leftImg8bit/val",
-    },
-    "lvis": {
-        "format": "lvis",
-        "train_json": "lvis/lvis_v1_train.json",
-        "train_images": "coco",
-        "val_json": "lvis/lvis_v1_val.json",
-        "val_images": "coco",
-    },
-}
-
-
 def _check_choice(where: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{where}: {value!r} is not one of {list(choices)}")
@@ -117,10 +71,10 @@ class DatasetPaths(Settings):
 
     root: str
     format: str = "coco"
-    train_json: str = "annotations/instances_train.json"
-    train_images: str = "train"
-    val_json: str = "annotations/instances_val.json"
-    val_images: str = "val"
+    train_json: str = SPLIT_PATHS["embedded"]["train_json"]
+    train_images: str = SPLIT_PATHS["embedded"]["train_images"]
+    val_json: str = SPLIT_PATHS["embedded"]["val_json"]
+    val_images: str = SPLIT_PATHS["embedded"]["val_images"]
     extra_train: tuple[SplitPaths, ...] = ()
 
     def __post_init__(self) -> None:
@@ -203,22 +157,20 @@ class SolverSettings(Settings):
     """SGD with linear warm-up and multi-step decay (detectron2's WarmupMultiStepLR)."""
 
     optimizer: str = "sgd"
-    lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    weight_decay_norm: float = 0.0  # detectron2's default: no decay on norm parameters
-    iterations: int = 90_000
-    batch_size: int = 16
-    warmup_iters: int = 1000
-    warmup_factor: float = 0.001
+    lr: float = bounded(0.02, gt=0)
+    momentum: float = bounded(0.9, ge=0, le=1)
+    weight_decay: float = bounded(1e-4, ge=0)
+    weight_decay_norm: float = bounded(0.0, ge=0)  # detectron2's default: no decay on norm parameters
+    iterations: int = bounded(90_000, ge=1)
+    batch_size: int = bounded(16, ge=1)
+    warmup_iters: int = bounded(1000, ge=0)
+    warmup_factor: float = bounded(0.001, ge=0, le=1)
     lr_steps: tuple[int, ...] = (60_000, 80_000)
-    gamma: float = 0.1
-    checkpoint_every: int = 5000  # iterations between resumable checkpoints in the workdir
+    gamma: float = bounded(0.1, gt=0)
+    checkpoint_every: int = bounded(5000, ge=1)  # iterations between resumable checkpoints in the workdir
 
     def __post_init__(self) -> None:
         _check_choice("solver.optimizer", self.optimizer, OPTIMIZERS)
-        for name in ("lr", "iterations", "batch_size", "checkpoint_every", "gamma"):
-            _check_positive(f"solver.{name}", getattr(self, name))
         if list(self.lr_steps) != sorted(self.lr_steps):
             raise ValueError(f"solver.lr_steps: expected increasing iterations, got {self.lr_steps!r}")
 
@@ -256,6 +208,9 @@ class BenchmarkSettings(Settings):
     box_head: str = "2fc"
     head_norm: str = "none"  # norm in the conv box head and the mask head (SoCo: syncbn)
     res5_extra_norm: bool = False  # C4: MoCo's Res5ROIHeadsExtraNorm (a norm after res5)
+    # Pretrained modules besides the backbone loaded when the weights have them and the detector
+    # has that part (``pretrained_modules``); [] = backbone only (SoCo's and ReSim-FPN's ablation).
+    transfer: tuple[str, ...] = TRANSFERABLE
     precise_bn: bool = False  # recompute BN statistics before evaluation (detectron2 PreciseBN)
     sampler: str = "uniform"
     repeat_threshold: float = 0.001  # RepeatFactorTrainingSampler threshold (LVIS)
@@ -278,6 +233,8 @@ class BenchmarkSettings(Settings):
         _check_choice("box_head", self.box_head, BOX_HEADS)
         _check_choice("sampler", self.sampler, SAMPLERS)
         _check_choice("device", self.device, DEVICES)
+        for module in self.transfer:
+            _check_choice("transfer", module, TRANSFERABLE)
         if not 0.0 < self.train_fraction <= 1.0:
             raise ValueError(f"train_fraction: expected 0 < f <= 1, got {self.train_fraction!r}")
         if not self.fpn and (self.model == "retinanet" or self.fpn_norm != "none" or self.box_head != "2fc"):
@@ -322,16 +279,29 @@ class BenchmarkSettings(Settings):
         # the same and an upgrade does not re-run every finetune.
         if data["device"] == "auto":
             del data["device"]
+        if tuple(data["transfer"]) == TRANSFERABLE:  # likewise the default transfer
+            del data["transfer"]
         return data
 
+    @property
+    def pretrained_modules(self) -> tuple[str, ...]:
+        """The converted weights' modules this detector loads (the others are left out, by name):
+        the backbone; the FPN when ``transfer`` lists it and the detector has one; the box head
+        (a 4conv1fc head, SoCo's) only into a 4conv1fc R-CNN head -- a 2fc head's ``fc1`` has the
+        same shape but sees other inputs, so it must never take it."""
+        modules = ["backbone"]
+        if self.fpn and "fpn" in self.transfer:
+            modules.append("fpn")
+        if self.fpn and self.model != "retinanet" and self.box_head == "4conv1fc" and "box_head" in self.transfer:
+            modules.append("box_head")
+        return tuple(modules)
+
     def _check_torchvision_can_build(self) -> None:
-        """The torchvision backend builds every model family (FPN only; R-CNNs with a 2fc head)
-        from COCO-format data; name the first setting it would otherwise silently ignore."""
+        """The torchvision backend builds every model family (FPN only; R-CNNs with a 2fc or
+        4conv1fc head, norms in FPN and heads) from COCO-format data; name the first setting it
+        would otherwise silently ignore."""
         unsupported = {
             "fpn": (self.fpn, (True,)),
-            "fpn_norm": (self.fpn_norm, ("none",)),
-            "head_norm": (self.head_norm, ("none",)),
-            "box_head": (self.box_head, ("2fc",)),
             "precise_bn": (self.precise_bn, (False,)),
             "sampler": (self.sampler, ("uniform",)),
             "dataset.format": (self.dataset.format, ("coco",)),
@@ -354,80 +324,3 @@ class BenchmarkSettings(Settings):
     @property
     def iou_types(self) -> tuple[str, ...]:
         return ("bbox", "segm") if self.with_masks else ("bbox",)
-
-
-def resolve_benchmark(name: str, entry: dict[str, Any], dataset: DatasetSpec) -> dict[str, Any]:
-    """The fully resolved ``BenchmarkSettings.from_dict`` input (defaults filled in) for a
-    config entry (without its ``dataset`` key) on a configured dataset, whose layout supplies
-    the split paths. An entry with ``protocol: <registry name>`` starts from that registered
-    benchmark (``config/benchmarks/*.yaml``); its other keys override the registry's values."""
-    if "protocol" in entry:
-        from regioncl.transfer.registry import load_registry
-
-        registered = load_registry().get(entry["protocol"], f"benchmarks.{name}.protocol")
-        registered.check_layout(dataset.layout, f"benchmarks.{name}.dataset")
-        entry = registered.settings_with(entry)
-    if dataset.layout not in SPLIT_PATHS:
-        raise ValueError(
-            f"benchmarks.{name}.dataset: {dataset.name!r} has layout {dataset.layout!r}, which "
-            f"has no detection annotations; expected one of {sorted(SPLIT_PATHS)}"
-        )
-    paths = {"root": str(dataset.root), **SPLIT_PATHS[dataset.layout]}
-    data = {**entry, "name": name, "dataset_name": dataset.name, "dataset": paths}
-    return BenchmarkSettings.from_dict(data, f"benchmarks.{name}").to_dict()
-
-
-def write_metrics_record(
-    out: Path,
-    benchmark: BenchmarkSettings,
-    model_path: Path,
-    saved: dict,
-    metrics: dict[str, dict[str, float | None]],
-    *,
-    run: str | None,
-    method: str | None,
-    versions: dict[str, str],
-) -> dict:
-    """Write and return the metrics record both backends produce (what the tables read): the
-    benchmark, labels (``method`` defaults to the weights' method), the finetuned ``saved``
-    detector's seed and weights, ``metrics`` in percent, and the versions that made them
-    (``versions``: the backend's own, beside torch, pycocotools and regioncl)."""
-    import importlib.metadata
-
-    import torch
-
-    import regioncl
-    from regioncl.io import write_json_atomic
-
-    record = {
-        "benchmark": benchmark.name,
-        "run": run,
-        "method": method or saved["method"],
-        "model": str(model_path),
-        "seed": saved["seed"],
-        "weights": saved["weights"],
-        "metrics": metrics,
-        "versions": {
-            "torch": torch.__version__,
-            **versions,
-            "pycocotools": importlib.metadata.version("pycocotools"),
-            "regioncl": regioncl.__version__,
-        },
-    }
-    write_json_atomic(out, record)
-    return record
-
-
-def load_finetuned_detector(model_path: Path, detector_format: str, benchmark: BenchmarkSettings) -> dict:
-    """A finetuned detector file of either backend, checked to be ``detector_format`` and to
-    have been finetuned on ``benchmark`` (evaluating it on another would score the wrong task)."""
-    import torch
-
-    saved = torch.load(model_path, map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or saved.get("format") != detector_format:
-        raise ValueError(f"{model_path}: expected format {detector_format!r}")
-    if saved["benchmark"] != benchmark.name:
-        raise ValueError(
-            f"{model_path}: finetuned on benchmark {saved['benchmark']!r}, evaluating {benchmark.name!r}"
-        )
-    return saved

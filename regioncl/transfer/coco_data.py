@@ -19,16 +19,25 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from regioncl.geometry import View, map_boxes
+from regioncl.io import read_json
 
 Target = dict[str, torch.Tensor]
 
 
 def load_coco(annotation_json: Path) -> COCO:
-    """pycocotools' index of a COCO json (its progress chatter goes to stderr, not stdout)."""
+    """pycocotools' index of a COCO json (its progress chatter goes to stderr, not stdout).
+
+    Parsed here, not by pycocotools, so that a broken file is an error naming it."""
     if not Path(annotation_json).is_file():
         raise FileNotFoundError(f"{annotation_json}: COCO annotation file not found")
+    dataset = read_json(annotation_json)
+    if not isinstance(dataset, dict):
+        raise ValueError(f"{annotation_json}: expected a COCO JSON object, got a {type(dataset).__name__}")
+    coco = COCO()
+    coco.dataset = dataset
     with contextlib.redirect_stdout(sys.stderr):
-        return COCO(str(annotation_json))
+        coco.createIndex()
+    return coco
 
 
 class CocoDetection:

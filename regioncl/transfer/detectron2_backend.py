@@ -10,24 +10,26 @@ backends`` does): detectron2 is optional and imported at the top here.
   Masks travel as polygons (the papers' configs) unless the COCO-format training data holds RLE
   masks (the embedded dataset), which detectron2 carries only as bitmasks (``mask_format_of``).
 - Training: ``DefaultTrainer`` (its optimizer, WarmupMultiStepLR, PreciseBN and periodic
-  checkpoints) in ``workdir``; ``resume_or_load(resume=True)`` continues from the workdir's
-  last checkpoint, else loads the converted ``.pkl``. ``launch`` spreads it over GPUs/machines.
+  checkpoints) in ``workdir/<identity key>`` (``regioncl.transfer.identity``: other settings or
+  other weights bytes start afresh); ``resume_or_load(resume=True)`` continues from its last
+  checkpoint, else loads the converted ``.pkl``, which is first read with the restricted
+  unpickler of ``regioncl.weights`` (a file that would run code is refused
+  before detectron2 unpickles it). ``launch`` spreads it over GPUs/machines.
 - Evaluation: COCOEvaluator, LVISEvaluator, PascalVOCDetectionEvaluator or
   CityscapesInstanceEvaluator by dataset format (LVIS needs ``lvis``, Cityscapes
   ``cityscapesscripts``: both patched for NumPy 2 on first use, Cityscapes also for its import
-  path); the record has
-  ``regioncl.transfer.evaluate``'s shape (metrics in percent per IoU type, None where undefined,
+  path); the record (``regioncl.transfer.records``) has the torchvision backend's shape (metrics in percent per IoU type, None where undefined,
   with benchmark, weights, seed and versions).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import json
 import logging
 import math
 import os
-import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +60,10 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
-from regioncl.io import atomic_path, write_json_atomic
-from regioncl.transfer.benchmarks import (
-    BenchmarkSettings,
-    load_finetuned_detector,
-    write_metrics_record,
-)
+from regioncl.convert import has_fpn_norm, module_of, select_modules
+from regioncl.curves import publish_detectron2_metrics
+from regioncl.io import atomic_path, read_json, write_json_atomic
+from regioncl.transfer.benchmarks import BenchmarkSettings
 from regioncl.transfer.cityscapes_compat import LegacyNumpy, alias_cityscapes_scripts
 from regioncl.transfer.detectron2_config import (
     FORMAT_NUM_CLASSES,
@@ -71,10 +71,16 @@ from regioncl.transfer.detectron2_config import (
     detectron2_options,
     flat_option_list,
 )
+from regioncl.transfer.identity import finetune_identity
+from regioncl.transfer.records import load_finetuned_detector, write_metrics_record
 from regioncl.transfer.subsets import training_annotations
+from regioncl.weights import check_same_run, read_detectron2_weights, write_detectron2_weights
 
 DETECTRON2_DETECTOR_FORMAT = "regioncl.detectron2-detector/1"
 IDENTITY_FILE = "identity.json"  # what the workdir's checkpoints were trained for
+# Settings a checkpoint may be resumed across: detectron2's schedulers are built from the
+# iteration count, so unlike the torchvision backend's, every other setting is the identity's.
+RESUME_MAY_CHANGE = ("solver.checkpoint_every",)
 # Cityscapes classes with instances, in cityscapesscripts' label order (detectron2's builtin
 # metadata; load_cityscapes_instances maps label ids to these contiguous ids).
 CITYSCAPES_THING_CLASSES = ("person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
@@ -102,8 +108,7 @@ def num_classes_of(benchmark: BenchmarkSettings) -> int:
     fmt = benchmark.dataset.format
     if fmt in FORMAT_NUM_CLASSES:
         return FORMAT_NUM_CLASSES[fmt]
-    with open(benchmark.dataset.path("val_json")) as handle:
-        return len(json.load(handle)["categories"])
+    return len(read_json(benchmark.dataset.path("val_json"))["categories"])
 
 
 def mask_format_of(benchmark: BenchmarkSettings) -> str:
@@ -114,8 +119,7 @@ def mask_format_of(benchmark: BenchmarkSettings) -> str:
     if not benchmark.with_masks or benchmark.dataset.format != "coco":
         return "polygon"
     for split_json, _ in benchmark.dataset.train_splits():
-        with open(split_json) as handle:
-            objects = json.load(handle)["annotations"]
+        objects = read_json(split_json)["annotations"]
         if any(isinstance(o.get("segmentation"), dict) and not o.get("iscrowd", 0) for o in objects):
             return "bitmask"
     return "polygon"
@@ -229,18 +233,24 @@ class BenchmarkTrainer(DefaultTrainer):
 
 
 def _check_identity(workdir: Path, identity: dict[str, Any]) -> None:
-    """Refuse to resume checkpoints trained for another (benchmark, seed, weights)."""
+    """Refuse to resume checkpoints trained for another identity (put there by hand)."""
     path = workdir / IDENTITY_FILE
     if path.is_file():
-        found = json.loads(path.read_text())
-        if found != identity:
-            raise ValueError(f"{workdir}: holds checkpoints of {found}, not {identity}; use another workdir or delete it")
+        check_same_run(workdir, read_json(path), identity, may_change=("weights",))
     else:
         write_json_atomic(path, identity)
 
 
 def _train_worker(
-    benchmark_dict: dict, weights: str, seed: int, out: str, workdir: str, device: str, num_workers: int, mask_format: str
+    benchmark_dict: dict,
+    weights: str,
+    method: str,
+    seed: int,
+    out: str,
+    workdir: str,
+    device: str,
+    num_workers: int,
+    mask_format: str,
 ) -> None:
     benchmark = BenchmarkSettings.from_dict(benchmark_dict)
     setup_logger(workdir, distributed_rank=comm.get_rank(), name="detectron2")
@@ -249,13 +259,11 @@ def _train_worker(
     cfg = build_cfg(benchmark, num_classes_of(benchmark), seed, workdir, weights, device, num_workers, mask_format)
     trainer = BenchmarkTrainer(cfg)
     trainer.resume_or_load(resume=True)
+    if trainer.start_iter > 0 and comm.is_main_process():
+        print(f"finetune {benchmark.name} seed {seed}: resuming from iteration {trainer.start_iter} ({workdir})", file=sys.stderr)
     trainer.train()
     if comm.is_main_process():
         model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
-        method = "random"
-        if weights:
-            with open(weights, "rb") as handle:
-                method = pickle.load(handle).get("method", "unknown")
         with atomic_path(Path(out)) as tmp:
             torch.save(
                 {
@@ -278,22 +286,42 @@ def finetune(
     out: Path,
     workdir: Path,
     *,
+    metrics: Path | None = None,
     num_gpus: int = 0,
     num_machines: int = 1,
     machine_rank: int = 0,
     dist_url: str = "auto",
     num_workers: int = 2,
 ) -> None:
-    """Train from the converted ``.pkl`` ``weights`` (None: random init) and write ``out``.
+    """Train from the converted ``.pkl`` ``weights`` (None: random init) and write ``out``, and
+    ``metrics``: detectron2's logged losses and lr (``regioncl.curves``, every 20 iterations).
 
     ``num_gpus`` per machine (0: one CPU process); with ``num_machines`` > 1 every machine runs
     this with its ``machine_rank`` and a shared ``dist_url`` (tcp://<first host>:<port>).
-    Resumes from ``workdir``'s last detectron2 checkpoint.
+    Resumes from the last detectron2 checkpoint in ``workdir/<identity key>``.
     """
-    workdir = Path(workdir)
+    identity = finetune_identity(benchmark, seed, weights, RESUME_MAY_CHANGE)
+    workdir = Path(workdir) / identity["key"]
     workdir.mkdir(parents=True, exist_ok=True)
     weights_str = str(weights) if weights is not None else ""
-    _check_identity(workdir, {"benchmark": benchmark.name, "seed": seed, "weights": weights_str or "none"})
+    method = "random"
+    if weights is not None:
+        # Read here, restricted, before detectron2's checkpointer unpickles the same file unrestricted.
+        loaded = read_detectron2_weights(weights)
+        method = loaded.get("method", "unknown")
+        # Suffix matching would load a module into a part of another architecture (a 4conv1fc
+        # head's fc1 into a 2fc head's fc1, same shape): hand detectron2 only what it takes.
+        modules = set(benchmark.pretrained_modules)
+        if has_fpn_norm(loaded["model"], "detectron2") != (benchmark.fpn_norm != "none"):
+            modules.discard("fpn")  # convs trained before a norm do not fit an FPN without one, nor the reverse
+        kept, left_out = select_modules(loaded["model"], "detectron2", modules)
+        if left_out:
+            counts = collections.Counter(module_of(key, "detectron2") for key in left_out)
+            summary = ", ".join(f"{module} ({count} tensors)" for module, count in sorted(counts.items()))
+            print(f"{weights}: left out of {benchmark.name}'s detector: {summary}", file=sys.stderr)
+            weights_str = str(workdir / "pretrained.d2.pkl")
+            write_detectron2_weights(Path(weights_str), {**loaded, "model": kept})
+    _check_identity(workdir, identity)
     device = "cuda" if num_gpus > 0 else "cpu"
     launch(
         _train_worker,
@@ -302,8 +330,13 @@ def finetune(
         machine_rank=machine_rank,
         dist_url=dist_url,
         # the mask format is read here, once, not by every rank (a COCO training JSON is large)
-        args=(benchmark.to_dict(), weights_str, seed, str(out), str(workdir), device, num_workers, mask_format_of(benchmark)),
+        args=(
+            benchmark.to_dict(), weights_str, method, seed, str(out), str(workdir), device, num_workers,
+            mask_format_of(benchmark),
+        ),  # fmt: skip
     )
+    if metrics is not None and machine_rank == 0:
+        publish_detectron2_metrics(workdir / "metrics.json", Path(metrics))
 
 
 def summary_value(value: float) -> float | None:
@@ -329,11 +362,12 @@ def evaluate(
     *,
     run: str | None = None,
     method: str | None = None,
-    device: str = "cpu",
+    num_gpus: int = 0,
     num_workers: int = 2,
 ) -> dict:
-    """Score a detector finetuned by ``finetune`` on the benchmark's evaluation split and write
-    the record (``regioncl.transfer.evaluate.evaluate``'s fields)."""
+    """Score a detector finetuned by ``finetune`` on the benchmark's evaluation split (on the GPU
+    when ``num_gpus`` > 0, else the CPU) and write the record (``regioncl.transfer.records``)."""
+    device = "cuda" if num_gpus > 0 else "cpu"
     saved = load_finetuned_detector(model_path, DETECTRON2_DETECTOR_FORMAT, benchmark)
     workdir = Path(out).parent / f"{Path(out).stem}_detectron2"
     setup_logger(str(workdir), name="detectron2")

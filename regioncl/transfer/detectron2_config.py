@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from regioncl.archs import ARCHS
 from regioncl.transfer.benchmarks import BenchmarkSettings
 
 NORM_NAMES = {"bn": "BN", "syncbn": "SyncBN", "frozen_bn": "FrozenBN", "none": ""}
-DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
+DEPTHS = {arch: int(arch.removeprefix("resnet")) for arch in ARCHS}  # RESNETS.DEPTH
 SAMPLER_NAMES = {"uniform": "TrainingSampler", "repeat_factor": "RepeatFactorTrainingSampler"}
 # Classes of the fixed-vocabulary formats; COCO-format data counts its categories instead.
 FORMAT_NUM_CLASSES = {"voc": 20, "cityscapes": 8, "lvis": 1203}

@@ -12,7 +12,7 @@ One file per protocol (e.g. ``coco_mask_rcnn_r50_fpn.yaml``)::
       coco_mrcnn_r50fpn_1x: {solver: {iterations: 90000, lr_steps: [60000, 80000]}}
 
 A workflow config names one with ``benchmarks.<name>.protocol: <variant>``
-(``regioncl.transfer.benchmarks.resolve_benchmark``); the entry's other keys override it.
+(``resolve_benchmark``); the entry's other keys override it.
 """
 
 from __future__ import annotations
@@ -25,12 +25,8 @@ from typing import Any
 
 import yaml
 
-from regioncl.data.layouts import DatasetSpec
-from regioncl.transfer.benchmarks import (
-    SPLIT_PATHS,
-    BenchmarkSettings,
-    resolve_benchmark,
-)
+from regioncl.data.layouts import SPLIT_PATHS, DatasetSpec
+from regioncl.transfer.benchmarks import BenchmarkSettings
 
 REGISTRY_DIR = Path(__file__).resolve().parents[2] / "config" / "benchmarks"
 _FILE_KEYS = {"protocol", "extends", "layouts", "seeds", "sources", "settings", "variants"}
@@ -167,6 +163,25 @@ def load_registry(directory: Path = REGISTRY_DIR) -> Registry:
                 settings=merged(settings, overrides or {}),
             )
     return Registry(benchmarks, directory)
+
+
+def resolve_benchmark(name: str, entry: dict[str, Any], dataset: DatasetSpec) -> dict[str, Any]:
+    """The fully resolved ``BenchmarkSettings.from_dict`` input (defaults filled in) for a
+    config entry (without its ``dataset`` key) on a configured dataset, whose layout supplies
+    the split paths. An entry with ``protocol: <registry name>`` starts from that registered
+    benchmark (``config/benchmarks/*.yaml``); its other keys override the registry's values."""
+    if "protocol" in entry:
+        registered = load_registry().get(entry["protocol"], f"benchmarks.{name}.protocol")
+        registered.check_layout(dataset.layout, f"benchmarks.{name}.dataset")
+        entry = registered.settings_with(entry)
+    if dataset.layout not in SPLIT_PATHS:
+        raise ValueError(
+            f"benchmarks.{name}.dataset: {dataset.name!r} has layout {dataset.layout!r}, which "
+            f"has no detection annotations; expected one of {sorted(SPLIT_PATHS)}"
+        )
+    paths = {"root": str(dataset.root), **SPLIT_PATHS[dataset.layout]}
+    data = {**entry, "name": name, "dataset_name": dataset.name, "dataset": paths}
+    return BenchmarkSettings.from_dict(data, f"benchmarks.{name}").to_dict()
 
 
 def registered_seeds(resolved: Mapping[str, Any]) -> tuple[int, ...] | None:

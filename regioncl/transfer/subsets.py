@@ -9,13 +9,12 @@ a benchmark setting (``subset_seed``) independent of the finetuning seed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from regioncl.io import write_json_atomic
+from regioncl.io import read_json, write_json_atomic
 
 
 def sample_image_ids(image_ids: list[int], fraction: float, seed: int) -> list[int]:
@@ -44,6 +43,5 @@ def training_annotations(source: Path, fraction: float, seed: int, workdir: Path
         return Path(source)
     target = Path(workdir) / f"{Path(source).stem}_subset{fraction:g}_seed{seed}.json"
     if not target.is_file():
-        with open(source) as handle:
-            write_json_atomic(target, coco_subset(json.load(handle), fraction, seed))
+        write_json_atomic(target, coco_subset(read_json(source), fraction, seed))
     return target

@@ -1,4 +1,5 @@
-"""Finetune torchvision's Faster / Mask R-CNN and RetinaNet (ResNet-FPN) from converted weights.
+"""Finetune torchvision's Faster / Mask R-CNN and RetinaNet (ResNet-FPN) from converted weights,
+and evaluate them (``evaluate``: COCO AP by ``regioncl.transfer.torchvision_eval``).
 
 Runs on ``benchmark.device`` (``auto``: the GPU when there is one); checkpoints and the
 finetuned detector are loadable on the CPU.
@@ -9,14 +10,22 @@ re-seeded from ``(seed, iteration)`` at every iteration. So a resumed run needs 
 model and optimizer state to continue exactly as an uninterrupted one (on the CPU of the same
 machine, same thread count; on a GPU only up to the nondeterminism of CUDA kernels such as
 RoIAlign's backward), and the learning rate is a pure function of the iteration.
+
+Checkpoints live in ``workdir/<identity key>`` (``regioncl.transfer.identity``): other settings
+or other weights bytes start afresh there. The iteration count may change between a run and its
+resume (``RESUME_MAY_CHANGE``): a longer run continues a shorter one exactly, since nothing
+above depends on the total; a checkpoint past the new end is not resumed.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import functools
 import math
+import re
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -25,22 +34,29 @@ import torchvision
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
-from tqdm import tqdm
 
-from regioncl.convert import TORCHVISION_FORMAT
-from regioncl.engine.dist import wants_cuda
+from regioncl.convert import has_fpn_norm, module_of, select_modules
+from regioncl.curves import MetricsLog
+from regioncl.device import wants_cuda
 from regioncl.io import atomic_path
+from regioncl.progress import Progress
 from regioncl.transfer.benchmarks import BenchmarkSettings, SolverSettings
 from regioncl.transfer.coco_data import CocoDetection, hflip
+from regioncl.transfer.identity import finetune_identity
+from regioncl.transfer.records import load_finetuned_detector, write_metrics_record
 from regioncl.transfer.subsets import training_annotations
+from regioncl.transfer.torchvision_eval import coco_metrics, predict
+from regioncl.weights import check_same_run, read_torchvision_weights
 
 DETECTOR_FORMAT = "regioncl.detector/1"
 CHECKPOINT_NAME = "checkpoint_last.pt"
 ORDER_STREAM, ITERATION_STREAM = 0, 1  # independent random streams derived from the seed
+# Settings a checkpoint may be resumed across without changing the result (see the docstring).
+RESUME_MAY_CHANGE = ("device", "solver.iterations", "solver.checkpoint_every")
 
 # 'syncbn' builds BatchNorm2d and converts it: SyncBatchNorm behaves as BatchNorm2d unless a
 # process group is initialised, so one code path serves one CPU process and many GPUs.
@@ -49,6 +65,8 @@ NORM_LAYERS: dict[str, type[nn.Module]] = {
     "syncbn": nn.BatchNorm2d,
     "frozen_bn": FrozenBatchNorm2d,
 }
+# Norms after the FPN's and the heads' convs (``fpn_norm``, ``head_norm``; None: a conv bias instead).
+EXTRA_NORM_LAYERS: dict[str, type[nn.Module] | None] = {"none": None, "bn": nn.BatchNorm2d, "syncbn": nn.BatchNorm2d}
 NORM_MODULES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)  # parameters get weight_decay_norm
 # torchvision's convention: trainable_layers=k trains the first k; 5 also trains the stem's bn1.
 TRAINABLE_STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1", "bn1")
@@ -81,10 +99,18 @@ def build_backbone(
         in_channels_list=[c5_channels // 8 * 2 ** (stage - 1) for stage in stages],
         out_channels=fpn_channels,
         extra_blocks=LastLevelP6P7(c5_channels, fpn_channels) if p6p7 else None,
+        norm_layer=EXTRA_NORM_LAYERS[benchmark.fpn_norm],
     )
     if benchmark.norm == "syncbn":
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
+    elif benchmark.fpn_norm == "syncbn":
+        backbone.fpn = nn.SyncBatchNorm.convert_sync_batchnorm(backbone.fpn)
     return backbone
+
+
+def synced_head(head: nn.Module, norm: str) -> nn.Module:
+    """A head with ``head_norm`` 'syncbn': its BatchNorm2d layers synchronised (as ``build_backbone``'s)."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(head) if norm == "syncbn" else head
 
 
 def build_faster_rcnn(benchmark: BenchmarkSettings, num_classes: int) -> FasterRCNN:
@@ -94,7 +120,8 @@ def build_faster_rcnn(benchmark: BenchmarkSettings, num_classes: int) -> FasterR
 def build_mask_rcnn(benchmark: BenchmarkSettings, num_classes: int) -> MaskRCNN:
     parts = detector_parts(benchmark, num_classes)
     channels = benchmark.heads.mask_head_channels
-    mask_head = MaskRCNNHeads(parts["backbone"].out_channels, (channels,) * 4, 1)
+    norm = EXTRA_NORM_LAYERS[benchmark.head_norm]
+    mask_head = synced_head(MaskRCNNHeads(parts["backbone"].out_channels, (channels,) * 4, 1, norm_layer=norm), benchmark.head_norm)
     mask_predictor = MaskRCNNPredictor(channels, channels, num_classes + 1)
     return MaskRCNN(num_classes=None, mask_head=mask_head, mask_predictor=mask_predictor, **parts)
 
@@ -146,9 +173,15 @@ def detector_parts(benchmark: BenchmarkSettings, num_classes: int) -> dict:
     backbone = build_backbone(benchmark)
     heads, size = benchmark.heads, benchmark.input
     box_pool_size = 7  # torchvision's MultiScaleRoIAlign output for the box head
+    if benchmark.box_head == "4conv1fc":  # detectron2's FastRCNNConvFCHead(NUM_CONV 4, CONV_DIM = FPN width, NUM_FC 1)
+        channels, norm = backbone.out_channels, EXTRA_NORM_LAYERS[benchmark.head_norm]
+        head = FastRCNNConvFCHead((channels, box_pool_size, box_pool_size), [channels] * 4, [heads.box_head_dim], norm_layer=norm)
+        box_head = synced_head(head, benchmark.head_norm)
+    else:
+        box_head = TwoMLPHead(backbone.out_channels * box_pool_size**2, heads.box_head_dim)
     return {
         "backbone": backbone,
-        "box_head": TwoMLPHead(backbone.out_channels * box_pool_size**2, heads.box_head_dim),
+        "box_head": box_head,
         "box_predictor": FastRCNNPredictor(heads.box_head_dim, num_classes + 1),
         "min_size": size.min_size,
         "max_size": size.max_size,
@@ -169,24 +202,34 @@ def build_detector(benchmark: BenchmarkSettings, num_classes: int) -> nn.Module:
     return DETECTOR_BUILDERS[benchmark.model](benchmark, num_classes)
 
 
-def load_pretrained_weights(model: nn.Module, weights: Path, arch: str) -> dict:
+def load_pretrained_weights(
+    model: nn.Module, weights: Path, arch: str, *, modules: Collection[str] = ("backbone", "fpn", "box_head")
+) -> dict:
     """Load converted torchvision weights (``regioncl.torchvision/1``) into ``model``.
 
-    Every backbone tensor of the model (BatchNorm counters aside) must be provided, and every
-    provided tensor must exist with the same shape; otherwise raise naming the keys. Returns
-    the weights file's fields other than the state dict.
+    ``modules``: the pretrained modules the detector takes (``BenchmarkSettings.pretrained_modules``);
+    the weights' tensors of other modules are left out and named in the returned ``left_out``,
+    and so is an FPN with a norm after its convs when the detector's has none, or the reverse
+    (convs trained before a norm do not fit an FPN without one). An FPN indexed from C2
+    (regioncl's) is re-indexed for a detector whose FPN starts at C3 (RetinaNet), its C2 blocks
+    left out. Every backbone tensor of the model (BatchNorm counters aside) must be provided, and
+    every tensor loaded must exist with the same shape; an FPN of another width than the
+    detector's (its pretraining run's ``fpn_channels``) is named as such. Otherwise raise naming
+    the keys. Returns the weights file's fields other than the state dict, and ``left_out``.
     """
-    payload = torch.load(weights, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != TORCHVISION_FORMAT:
-        raise ValueError(f"{weights}: expected format {TORCHVISION_FORMAT!r}")
-    if payload["arch"] != arch:
-        raise ValueError(f"{weights}: arch is {payload['arch']!r}, the benchmark expects {arch!r}")
-    provided = payload["state_dict"]
+    payload = read_torchvision_weights(weights, arch, "the benchmark")
+    provided, left_out = select_modules(payload["state_dict"], "torchvision", modules)
+    first_level = 1 + min(int(name.removeprefix("layer")) for name in model.backbone.body.return_layers)
+    provided, fpn_left_out = _fpn_from_level(provided, first_level)
     expected = model.state_dict()
+    if has_fpn_norm(provided, "torchvision") != has_fpn_norm(expected, "torchvision"):
+        provided, unfit = select_modules(provided, "torchvision", set(modules) - {"fpn"})
+        fpn_left_out += unfit
     required = {
         k for k in expected if k.startswith("backbone.body.") and not k.endswith("num_batches_tracked")
     }
-    problems = [f"missing backbone key {k}" for k in sorted(required - set(provided))]
+    problems = _fpn_problems(provided, expected)
+    problems += [f"missing backbone key {k}" for k in sorted(required - set(provided))]
     problems += [f"unexpected key {k}" for k in sorted(set(provided) - set(expected))]
     problems += [
         f"{k}: shape {tuple(v.shape)}, the model has {tuple(expected[k].shape)}"
@@ -196,7 +239,41 @@ def load_pretrained_weights(model: nn.Module, weights: Path, arch: str) -> dict:
     if problems:
         raise ValueError(f"{weights}: cannot load into the detector:\n  " + "\n  ".join(problems))
     model.load_state_dict(provided, strict=False)
-    return {k: v for k, v in payload.items() if k != "state_dict"}
+    return {**{k: v for k, v in payload.items() if k != "state_dict"}, "left_out": left_out + fpn_left_out}
+
+
+FPN_BLOCK = re.compile(r"backbone\.fpn\.(?P<kind>inner|layer)_blocks\.(?P<index>\d+)\.(?P<rest>.+)")
+
+
+def _fpn_from_level(state: dict[str, torch.Tensor], first_level: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """FPN blocks indexed from C2 (``regioncl.models.FPN``) re-indexed for an FPN whose first input
+    is C``first_level``: (the state, the keys of the levels below it, left out)."""
+    shift = first_level - 2
+    renamed, dropped = {}, []
+    for key, tensor in state.items():
+        match = FPN_BLOCK.fullmatch(key)
+        if match is None or shift == 0:
+            renamed[key] = tensor
+        elif int(match["index"]) < shift:
+            dropped.append(key)
+        else:
+            renamed[f"backbone.fpn.{match['kind']}_blocks.{int(match['index']) - shift}.{match['rest']}"] = tensor
+    return renamed, dropped
+
+
+def _fpn_problems(provided: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    """The pretrained FPN's width (its run's ``fpn_channels``) against the detector's, in words."""
+    mine = [k for k in provided if module_of(k, "torchvision") == "fpn" and k.endswith(".0.weight")]
+    if not mine:
+        return []
+    width, detector_width = provided[mine[0]].shape[0], expected["backbone.fpn.layer_blocks.0.0.weight"].shape[0]
+    if width == detector_width:
+        return []
+    return [
+        f"FPN width: the pretrained FPN has {width} channels (its pretraining run's fpn_channels), this "
+        f"detector's {detector_width} (heads.fpn_channels); set heads.fpn_channels: {width}, or leave the "
+        "FPN out of the benchmark's transfer"
+    ]
 
 
 def lr_at(solver: SolverSettings, iteration: int) -> float:
@@ -265,8 +342,8 @@ def train_step(
     images: list[torch.Tensor],
     targets: list[dict],
     iteration: int,
-) -> float:
-    """One SGD step on the sum of the detector's losses; returns the loss."""
+) -> dict[str, float]:
+    """One SGD step on the sum of the detector's losses; returns ``loss`` (the sum) and each term."""
     losses = model(images, targets)
     loss = sum(losses.values())
     if not math.isfinite(loss.item()):
@@ -275,7 +352,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.item()
+    return {"loss": loss.item(), **{name: value.item() for name, value in losses.items()}}
 
 
 def save_atomic(path: Path, state: dict) -> None:
@@ -283,31 +360,38 @@ def save_atomic(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def resume_state(path: Path, identity: dict) -> dict | None:
-    """The workdir checkpoint if there is one; it must come from the same benchmark/seed/weights."""
+def resume_state(path: Path, identity_key: str, iterations: int) -> dict | None:
+    """The checkpoint at ``path`` if there is one to resume: of this identity (else an error:
+    it was put there by hand), and not past ``iterations`` (else None, with a message)."""
     if not path.is_file():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
-    for field, value in identity.items():
-        if state[field] != value:
-            raise ValueError(
-                f"{path}: checkpoint has {field}={state[field]!r}, this run has {value!r}; "
-                "use another workdir or delete it"
-            )
+    check_same_run(path, {"identity": state.get("identity")}, {"identity": identity_key})
+    if state["iteration"] > iterations:
+        print(f"{path}: at iteration {state['iteration']}, past this run's {iterations}; starting afresh", file=sys.stderr)
+        return None
     return state
 
 
 def finetune(
-    benchmark: BenchmarkSettings, weights: Path | None, seed: int, out: Path, workdir: Path
+    benchmark: BenchmarkSettings,
+    weights: Path | None,
+    seed: int,
+    out: Path,
+    workdir: Path,
+    *,
+    metrics: Path | None = None,
 ) -> None:
     """Train the benchmark's detector from ``weights`` (``None``: random init) on
-    ``benchmark.device`` and write ``out``.
+    ``benchmark.device`` and write ``out`` (and ``metrics``: per-iteration losses and lr).
 
-    Resumes from ``workdir/checkpoint_last.pt`` when present; saves it every
-    ``solver.checkpoint_every`` iterations.
+    Resumes from ``workdir/<identity key>/checkpoint_last.pt`` when present, saying so on
+    stderr; saves it every ``solver.checkpoint_every`` iterations.
     """
     solver = benchmark.solver
     device = select_device(benchmark)
+    identity = finetune_identity(benchmark, seed, weights, RESUME_MAY_CHANGE)
+    workdir = Path(workdir) / identity["key"]
     annotations = training_annotations(
         benchmark.dataset.path("train_json"), benchmark.train_fraction, benchmark.subset_seed, workdir
     )
@@ -316,29 +400,27 @@ def finetune(
     model = build_detector(benchmark, num_classes=len(data.category_ids))
     source = {"method": "random"}
     if weights is not None:
-        source = load_pretrained_weights(model, weights, benchmark.arch)
+        source = load_pretrained_weights(model, weights, benchmark.arch, modules=benchmark.pretrained_modules)
+        if source["left_out"]:
+            counts = collections.Counter(module_of(key, "torchvision") for key in source["left_out"])
+            summary = ", ".join(f"{module} ({count} tensors)" for module, count in sorted(counts.items()))
+            print(f"{weights}: left out of {benchmark.name}'s detector: {summary}", file=sys.stderr)
     model.to(device)
     optimizer = build_optimizer(model, solver)
 
-    checkpoint_path = Path(workdir) / CHECKPOINT_NAME
-    identity = {"benchmark": benchmark.name, "seed": seed, "weights": str(weights or "none")}
+    checkpoint_path = workdir / CHECKPOINT_NAME
     start = 0
-    state = resume_state(checkpoint_path, identity)
+    state = resume_state(checkpoint_path, identity["key"], solver.iterations)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["iteration"]
+        print(f"finetune {benchmark.name} seed {seed}: resuming from iteration {start} ({checkpoint_path})", file=sys.stderr)
 
     model.train()
-    progress = tqdm(
-        range(start, solver.iterations),
-        initial=start,
-        total=solver.iterations,
-        desc=f"finetune {benchmark.name} seed {seed}",
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
-    for iteration in progress:
+    log = MetricsLog(workdir / "metrics.jsonl", start)
+    progress = Progress(solver.iterations, initial=start, desc=f"finetune {benchmark.name} seed {seed}")
+    for iteration in range(start, solver.iterations):
         rng = np.random.default_rng([seed, ITERATION_STREAM, iteration])
         torch.manual_seed(int(rng.integers(2**63)))
         flips = rng.random(solver.batch_size) < benchmark.input.hflip_prob
@@ -347,20 +429,24 @@ def finetune(
         lr = lr_at(solver, iteration)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = train_step(model, optimizer, images, targets, iteration)
-        progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+        losses = train_step(model, optimizer, images, targets, iteration)
         done = iteration + 1
+        log.append({"step": done, "lr": lr, **losses})
+        progress.update(done, loss=losses["loss"], lr=lr)
         if done % solver.checkpoint_every == 0 or done == solver.iterations:
             save_atomic(
                 checkpoint_path,
                 {
-                    **identity,
+                    "identity": identity["key"],
                     "iteration": done,
                     "model": cpu_state_dict(model),
                     "optimizer": optimizer.state_dict(),
                 },
             )
+    progress.close()
 
+    if metrics is not None:
+        log.publish(Path(metrics))
     save_atomic(
         Path(out),
         {
@@ -372,4 +458,42 @@ def finetune(
             "method": source["method"],
             "category_ids": data.category_ids,
         },
+    )
+
+
+def load_detector(benchmark: BenchmarkSettings, model_path: Path) -> tuple[torch.nn.Module, dict]:
+    saved = load_finetuned_detector(model_path, DETECTOR_FORMAT, benchmark)
+    model = build_detector(benchmark, num_classes=len(saved["category_ids"]))
+    model.load_state_dict(saved["state_dict"])
+    return model, saved
+
+
+def evaluate(
+    benchmark: BenchmarkSettings,
+    model_path: Path,
+    out: Path,
+    *,
+    run: str | None = None,
+    method: str | None = None,
+) -> dict:
+    """Run the detector on the benchmark's val split (on ``benchmark.device``), score it, write
+    and return the record.
+
+    ``run`` and ``method`` label the record for the tables; ``method`` defaults to the one the
+    detector's weights came from ("random" without pretraining).
+    """
+    device = select_device(benchmark)
+    model, saved = load_detector(benchmark, model_path)
+    gt_json = benchmark.dataset.path("val_json")
+    data = CocoDetection(gt_json, benchmark.dataset.path("val_images"), with_masks=False)
+    if data.category_ids != saved["category_ids"]:
+        raise ValueError(
+            f"{gt_json}: categories {data.category_ids} differ from those the model was "
+            f"trained on {saved['category_ids']}"
+        )
+    detections = predict(model.to(device), data, benchmark.eval.batch_size, device)
+    metrics = {t: coco_metrics(gt_json, detections, t) for t in benchmark.iou_types}
+    return write_metrics_record(
+        out, benchmark, model_path, saved, metrics, run=run, method=method,
+        versions={"torchvision": torchvision.__version__},
     )

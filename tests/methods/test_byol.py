@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 def _method(base_momentum: float = 0.99) -> Byol:
     torch.manual_seed(0)
-    return Byol(ByolParams(hidden_dim=64, feature_dim=16, base_momentum=base_momentum), arch="resnet18", crop_size=CROP)
+    return Byol(ByolParams(hidden_dim=64, feature_dim=16, base_momentum=base_momentum, crop_size=CROP), arch="resnet18")
 
 
 def _batch(method: Byol, size: int) -> dict:
@@ -64,10 +64,55 @@ def test_heads_are_byols_mlps_and_the_target_has_no_predictor():
     assert all(not p.requires_grad for p in method.backbone_target.parameters())
 
 
-def test_loss_is_the_symmetrized_negative_cosine_within_its_range():
-    method = _method()
-    loss = method(_batch(method, 4), _step(0, 4))["loss"]
-    assert 0.0 <= loss.item() <= 8.0  # two terms of 2 - 2 cos, each in [0, 4]
+def _moved_target(method: Byol) -> Byol:
+    """The method with its target moved off the online network (they start equal), so that
+    using the wrong network for a view changes the numbers."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in [*method.backbone_target.parameters(), *method.projector_target.parameters()]:
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return method
+
+
+def _hand_byol(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL eq. 2: mean_i || p_i/||p_i|| - z_i/||z_i|| ||^2 (= 2 - 2 cos)."""
+    return ((p / p.norm(dim=1, keepdim=True) - z / z.norm(dim=1, keepdim=True)) ** 2).sum(dim=1).mean()
+
+
+def _online_predictions_and_target_projections(method: Byol, batch: dict) -> tuple[list, list]:
+    """[p1, p2] from the online network with its predictor; [z1, z2] from the target, no gradient."""
+    p = [method.predictor(method.projector(method.backbone(batch[v]))) for v in ("view1", "view2")]
+    with torch.no_grad():
+        z = [method.projector_target(method.backbone_target(batch[v])) for v in ("view1", "view2")]
+    return p, z
+
+
+def test_loss_pairs_each_views_prediction_with_the_other_views_target_projection():
+    method = _moved_target(_method())
+    batch = _batch(method, 4)
+    loss = method(batch, _step(0, 4))["loss"]
+    with torch.no_grad():  # the same modules on the same views (BN in train mode: the same batch statistics)
+        (p1, p2), (z1, z2) = _online_predictions_and_target_projections(method, batch)
+    torch.testing.assert_close(loss, _hand_byol(p1, z2) + _hand_byol(p2, z1), rtol=1e-5, atol=1e-6)
+    # Not a vacuous pairing: the same-view loss is another number.
+    assert abs(loss.item() - (_hand_byol(p1, z1) + _hand_byol(p2, z2)).item()) > 1e-3
+
+
+def test_gradient_is_the_formulas_through_the_online_network_only():
+    method = _moved_target(_method())
+    batch = _batch(method, 4)
+    method(batch, _step(0, 4))["loss"].backward()
+    online = [*method.backbone.parameters(), *method.projector.parameters(), *method.predictor.parameters()]
+    actual = [p.grad for p in online]
+    method.zero_grad()
+    (p1, p2), (z1, z2) = _online_predictions_and_target_projections(method, batch)  # z: stop-gradient
+    expected = torch.autograd.grad(_hand_byol(p1, z2) + _hand_byol(p2, z1), online)
+    # Relative to the whole gradient's norm: the two loss forms round differently, and a bias
+    # feeding a BN has a true gradient of 0, i.e. pure rounding noise in both.
+    got, want = torch.cat([g.flatten() for g in actual]), torch.cat([g.flatten() for g in expected])
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+    target = [*method.backbone_target.parameters(), *method.projector_target.parameters()]
+    assert all(p.grad is None and not p.requires_grad for p in target)
 
 
 def test_one_step_moves_online_by_its_gradient_and_target_by_the_ema():

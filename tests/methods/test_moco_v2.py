@@ -3,6 +3,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from torch.nn import functional as F
 
 from regioncl.methods import StepInfo, get_method
 from regioncl.methods.moco_v2 import MocoV2, MocoV2Params
@@ -15,8 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 def _method(queue_size: int = 16, momentum: float = 0.9) -> MocoV2:
     torch.manual_seed(0)
-    params = MocoV2Params(queue_size=queue_size, momentum=momentum, hidden_dim=64)
-    return MocoV2(params, arch="resnet18", crop_size=CROP)
+    params = MocoV2Params(queue_size=queue_size, momentum=momentum, hidden_dim=64, crop_size=CROP)
+    return MocoV2(params, arch="resnet18")
 
 
 def _sample(key: str, seed: int) -> dict:
@@ -49,14 +50,57 @@ def test_make_views_are_two_normalized_crops_determined_by_the_rng():
     assert not torch.equal(first["query"], other["query"])
 
 
-def test_forward_gives_finite_loss_with_gradients_only_on_the_query_encoder():
-    method = _method()
-    loss = method(_batch(method, 4), STEP)["loss"]
-    assert torch.isfinite(loss) and loss.ndim == 0
-    loss.backward()
-    online = list(method.backbone.parameters()) + list(method.head.parameters())
-    target = list(method.backbone_k.parameters()) + list(method.head_k.parameters())
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in online[-4:])
+def _moved_key_encoder(method: MocoV2) -> MocoV2:
+    """The method with its key encoder moved off the query encoder (they start equal), so that
+    using the wrong encoder for a view changes the numbers."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in [*method.backbone_k.parameters(), *method.head_k.parameters()]:
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return method
+
+
+def _hand_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo eq. 1 in logsumexp form: mean_i [ log(exp(q_i.k_i / t) + sum_j exp(q_i.n_j / t)) - q_i.k_i / t ]."""
+    positive = (q * k).sum(dim=1) / temperature  # (B,): each query with the key of its own image
+    negatives = q @ queue.T / temperature  # (B, K)
+    return (torch.logsumexp(torch.cat([positive[:, None], negatives], dim=1), dim=1) - positive).mean()
+
+
+def test_loss_is_info_nce_of_each_query_with_its_own_images_key_against_the_queue_before_the_step():
+    method = _moved_key_encoder(_method(queue_size=16))
+    batch = _batch(method, 4)
+    method.queue.pointer.fill_(14)  # the 4 keys wrap around the end: rows 14, 15, 0, 1
+    queue_before = method.queue.features.clone()
+    loss = method(batch, STEP)["loss"]
+    with torch.no_grad():  # the same modules on the same views (BN in train mode: the same batch statistics)
+        q = F.normalize(method.head(method.backbone(batch["query"])), dim=1)
+        k = F.normalize(method.head_k(method.backbone_k(batch["key"])), dim=1)
+    torch.testing.assert_close(loss, _hand_info_nce(q, k, queue_before, 0.2), rtol=1e-5, atol=1e-6)
+    # The enqueue comes after the loss: the step's own keys are not its negatives.
+    torch.testing.assert_close(method.queue.features[[14, 15, 0, 1]], k)
+    assert torch.equal(method.queue.features[2:14], queue_before[2:14])
+    assert int(method.queue.pointer) == 2
+
+
+def test_gradient_is_the_formulas_through_the_query_encoder_only():
+    method = _moved_key_encoder(_method())
+    batch = _batch(method, 4)
+    queue_before = method.queue.features.clone()
+    method(batch, STEP)["loss"].backward()
+    online = [*method.backbone.parameters(), *method.head.parameters()]
+    actual = [p.grad for p in online]
+    method.zero_grad()
+    q = F.normalize(method.head(method.backbone(batch["query"])), dim=1)
+    with torch.no_grad():  # stop-gradient: keys and queue are constants
+        k = F.normalize(method.head_k(method.backbone_k(batch["key"])), dim=1)
+    expected = torch.autograd.grad(_hand_info_nce(q, k, queue_before, 0.2), online)
+    # Relative to the whole gradient's norm: the two loss forms round differently, and a bias
+    # feeding a BN has a true gradient of 0, i.e. pure rounding noise in both.
+    got, want = torch.cat([g.flatten() for g in actual]), torch.cat([g.flatten() for g in expected])
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+    assert any(g.abs().sum() > 0 for g in actual[-4:])
+    target = [*method.backbone_k.parameters(), *method.head_k.parameters()]
     assert all(p.grad is None and not p.requires_grad for p in target)
 
 

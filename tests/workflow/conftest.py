@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +32,30 @@ def planned_jobs(output: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.MULTILINE) if m.group(1) != "total"}
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The whole pipeline on tiny.yaml, run once per session and shared: tests only read it (a
+    test that deletes or re-runs outputs takes ``tiny_run_copy``)."""
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    snakemake(workdir, "--cores", "2", "--configfile", str(TINY_CONFIG))
+    return workdir
+
+
+@pytest.fixture
+def tiny_run_copy(tiny_run: Path, tmp_path: Path) -> Path:
+    """A private copy of ``tiny_run``, .snakemake metadata and mtimes included, so Snakemake
+    sees the same finished state."""
+    return Path(shutil.copytree(tiny_run, tmp_path / "tiny_run", symlinks=True))
+
+
 @pytest.fixture
 def roots_pointing_at_fixtures(tmp_path: Path) -> Path:
+    return write_roots_overlay(tmp_path)
+
+
+def write_roots_overlay(directory: Path) -> Path:
     """A config overlay pointing config/paper.yaml's dataset roots at the fixture tree."""
-    overlay = tmp_path / "roots.yaml"
+    overlay = directory / "roots.yaml"
     overlay.write_text(
         "datasets:\n"
         f"  imagenet: {{layout: imagenet, root: {FIXTURE_DATASETS / 'imagenet'}}}\n"
@@ -43,4 +64,17 @@ def roots_pointing_at_fixtures(tmp_path: Path) -> Path:
         f"  cityscapes: {{layout: cityscapes, root: {FIXTURE_DATASETS / 'cityscapes'}}}\n"
         f"  lvis: {{layout: lvis, root: {FIXTURE_DATASETS / 'lvis'}}}\n"
     )
+    return overlay
+
+
+@pytest.fixture
+def backends_unchecked(tmp_path: Path) -> Path:
+    return write_backends_unchecked_overlay(tmp_path)
+
+
+def write_backends_unchecked_overlay(directory: Path) -> Path:
+    """A config overlay planning detectron2 benchmarks on a machine without detectron2 (as on a
+    login node): `finetune.check_backends: false`."""
+    overlay = directory / "backends_unchecked.yaml"
+    overlay.write_text("finetune:\n  check_backends: false\n")
     return overlay

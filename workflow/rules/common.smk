@@ -1,11 +1,19 @@
 # Shared by all rules: the validated plan (runs, chunks, finetune jobs) and input functions.
 # All logic lives in regioncl.config; rules only look things up.
+#
+# Every value a rule puts into its shell command is quoted ({input:q}, {params.root:q}, ...):
+# a dataset root may hold spaces, quotes or `$(...)`. Three params are shell words already and
+# stay bare: `settings` (PLAN.quoted: one quoted JSON argument), `launch` and `gpus`
+# (shlex.join). Every rule's cluster resources come from PLAN.rule_resources (regioncl/resources.py).
 import glob
 
 from regioncl.config import WorkflowPlan, use_package_from
-from regioncl.tables.paper import load_tables_config, table_outputs
+from regioncl.tables.layout import load_tables_config
+from regioncl.tables.paper import table_outputs
 
-PLAN = WorkflowPlan.from_config(config)
+# Datasets are checked (annotation JSON parsed whole) by the main snakemake process only, not
+# again by every cluster job that re-reads this file.
+PLAN = WorkflowPlan(config, check_datasets=workflow.is_main_process)
 TABLES = ["results/tables/summary.md", "results/tables/summary.csv"]
 TABLES_CONFIG = f"{workflow.basedir}/{config['tables']['config']}"
 REFERENCE_DIR = f"{workflow.basedir}/config/reference"

@@ -7,10 +7,12 @@ rule convert:
     output:
         torchvision="results/weights/{run}.tv.pth",
         detectron2="results/weights/{run}.d2.pkl",
+    resources:
+        **PLAN.rule_resources("convert"),
     conda:
         ENV,
     log:
         "results/logs/convert/{run}.log",
     shell:
-        "python -m regioncl.cli convert --checkpoint {input} --torchvision {output.torchvision} "
-        "--detectron2 {output.detectron2} 2>&1 | tee {log}"
+        "python -m regioncl.cli convert --checkpoint {input:q} --torchvision {output.torchvision:q} "
+        "--detectron2 {output.detectron2:q} 2>&1 | tee {log:q}"

@@ -8,12 +8,14 @@ rule embedded_dataset:
     params:
         root=lambda w, output: os.path.dirname(output[0]),
         settings=PLAN.quoted(PLAN.embedded_settings),
+    resources:
+        **PLAN.rule_resources("embedded_dataset"),
     conda:
         ENV,
     log:
         "results/logs/embedded_dataset.log",
     shell:
-        "python -m regioncl.cli embedded --out {params.root} --settings {params.settings} 2>&1 | tee {log}"
+        "python -m regioncl.cli embedded --out {params.root:q} --settings {params.settings} 2>&1 | tee {log:q}"
 
 
 rule image_list:
@@ -24,9 +26,11 @@ rule image_list:
     params:
         layout=lambda w: PLAN.dataset(w.dataset).layout,
         root=lambda w: PLAN.dataset(w.dataset).root,
+    resources:
+        **PLAN.rule_resources("image_list"),
     conda:
         ENV,
     log:
         "results/logs/image_list/{dataset}.log",
     shell:
-        "python -m regioncl.cli images --layout {params.layout} --root {params.root} --out {output} 2>&1 | tee {log}"
+        "python -m regioncl.cli images --layout {params.layout:q} --root {params.root:q} --out {output:q} 2>&1 | tee {log:q}"

@@ -10,12 +10,15 @@ rule evaluate:
     params:
         settings=lambda w: PLAN.quoted(PLAN.benchmark(w.benchmark)),
         method=lambda w: PLAN.method_of(w.run),
+        gpus=lambda w: PLAN.gpu_args("evaluate", w.benchmark),
     threads: PLAN.finetune_threads
+    resources:
+        **PLAN.rule_resources("evaluate"),
     conda:
         ENV,
     log:
         "results/logs/evaluate/{run}/{benchmark}/seed{seed}.log",
     shell:
-        "python -m regioncl.cli evaluate --settings {params.settings} --model {input.model} "
-        "--run {wildcards.run} --method {params.method} "
-        "--out {output} 2>&1 | tee {log}"
+        "python -m regioncl.cli evaluate --settings {params.settings} --model {input.model:q} "
+        "--run {wildcards.run:q} --method {params.method:q} {params.gpus} "
+        "--out {output:q} 2>&1 | tee {log:q}"

@@ -10,10 +10,10 @@ from regioncl.launch import LaunchPlan, LaunchSettings
 
 PRETRAIN_LAUNCH = LaunchPlan.build(
     LaunchSettings.from_dict(config["pretrain"].get("launch", {})),
-    nodes=PLAN.resource("pretrain", "nodes", 1),
+    nodes=PLAN.cluster.nodes("pretrain"),
     nproc_per_node=PLAN.pretrain_nproc_per_node,
-    gpus_per_node=PLAN.resource("pretrain", "gpus", 0),
-    cpus_per_task=PLAN.pretrain_threads,
+    gpus_per_node=PLAN.cluster.gpus("pretrain"),
+    cpus_per_task=PLAN.cluster.cpus("pretrain"),
 )
 
 
@@ -21,7 +21,8 @@ rule pretrain:
     input:
         lambda w: PLAN.shards_of(PLAN.run(w.run).dataset),
     output:
-        "results/pretrain/{run}/checkpoint_final.pt",
+        checkpoint="results/pretrain/{run}/checkpoint_final.pt",
+        metrics="results/metrics/pretrain/{run}.jsonl",
     params:
         settings=lambda w: PLAN.quoted(PLAN.run(w.run).settings),
         workdir="results/work/pretrain/{run}",
@@ -29,15 +30,13 @@ rule pretrain:
         launch=PRETRAIN_LAUNCH.step_prefix(),
     threads: PLAN.pretrain_threads
     resources:
-        runtime=PLAN.resource("pretrain", "runtime", 60),
-        mem_mb=PLAN.resource("pretrain", "mem_mb", 8000),
-        slurm_partition=PLAN.resource("pretrain", "partition", None),
-        slurm_account=PLAN.resource("pretrain", "account", None),
-        **PRETRAIN_LAUNCH.slurm_resources(),
+        # the launch mode's task geometry (nodes, tasks, mpi) on top of the config's resources
+        **PLAN.rule_resources("pretrain") | PRETRAIN_LAUNCH.slurm_resources(),
     conda:
         ENV,
     log:
         "results/logs/pretrain/{run}.log",
     shell:
-        "{params.launch} python -m regioncl.cli pretrain --settings {params.settings} --shards {input} "
-        "--nproc-per-node {params.nproc} --workdir {params.workdir} --out {output} 2>&1 | tee {log}"
+        "{params.launch} python -m regioncl.cli pretrain --settings {params.settings} --shards {input:q} "
+        "--nproc-per-node {params.nproc:q} --workdir {params.workdir:q} --out {output.checkpoint:q} "
+        "--metrics {output.metrics:q} 2>&1 | tee {log:q}"

@@ -12,18 +12,15 @@ rule proposals:
         settings=PLAN.quoted(PLAN.proposal_settings),
     threads: PLAN.proposal_processes
     resources:
-        runtime=PLAN.resource("proposals", "runtime", 120),
-        slurm_partition=PLAN.resource("proposals", "partition", None),
-        slurm_account=PLAN.resource("proposals", "account", None),
-        mem_mb=PLAN.resource("proposals", "mem_mb", 4000),
+        **PLAN.rule_resources("proposals"),
     conda:
         ENV,
     log:
         "results/logs/proposals/{dataset}/{chunk}.log",
     shell:
-        "python -m regioncl.cli proposals run --list {input} --chunk {wildcards.chunk} "
-        "--num-chunks {params.num_chunks} --processes {threads} --settings {params.settings} "
-        "--out {output.proposals} --report {output.report} 2>&1 | tee {log}"
+        "python -m regioncl.cli proposals run --list {input:q} --chunk {wildcards.chunk:q} "
+        "--num-chunks {params.num_chunks:q} --processes {threads:q} --settings {params.settings} "
+        "--out {output.proposals:q} --report {output.report:q} 2>&1 | tee {log:q}"
 
 
 rule proposal_stats:
@@ -32,10 +29,12 @@ rule proposal_stats:
         proposals=lambda w: PLAN.proposal_files(w.dataset, ".parquet"),
     output:
         "results/proposals/{dataset}/stats.json",
+    resources:
+        **PLAN.rule_resources("proposal_stats"),
     conda:
         ENV,
     log:
         "results/logs/proposals/{dataset}/stats.log",
     shell:
-        "python -m regioncl.cli proposals stats --reports {input.reports} --proposals {input.proposals} "
-        "--out {output} 2>&1 | tee {log}"
+        "python -m regioncl.cli proposals stats --reports {input.reports:q} --proposals {input.proposals:q} "
+        "--out {output:q} 2>&1 | tee {log:q}"

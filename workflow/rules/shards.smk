@@ -6,9 +6,11 @@ rule shards:
         "results/proposals/{dataset}/{chunk}.parquet",
     output:
         "results/shards/{dataset}/{chunk}.tar",
+    resources:
+        **PLAN.rule_resources("shards"),
     conda:
         ENV,
     log:
         "results/logs/shards/{dataset}/{chunk}.log",
     shell:
-        "python -m regioncl.cli shards --proposals {input} --out {output} 2>&1 | tee {log}"
+        "python -m regioncl.cli shards --proposals {input:q} --out {output:q} 2>&1 | tee {log:q}"

@@ -1,4 +1,5 @@
-"""COCO-style evaluation of a finetuned detector (pycocotools' COCOeval), in percent.
+"""The torchvision backend's evaluator: a torchvision detector's outputs on a COCO-format split
+as COCO results, scored by pycocotools' COCOeval, in percent.
 
 Metrics follow the papers (and detectron2's COCOEvaluator): AP (mean over IoU .50:.95), AP50,
 AP75, APs, APm, APl, each x 100. A size range without ground truth has no AP: ``None``. A
@@ -16,21 +17,10 @@ from typing import Any
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-import torchvision
 from pycocotools.cocoeval import COCOeval
-from tqdm import tqdm
 
-from regioncl.transfer.benchmarks import (
-    BenchmarkSettings,
-    load_finetuned_detector,
-    write_metrics_record,
-)
+from regioncl.progress import Progress
 from regioncl.transfer.coco_data import CocoDetection, load_coco
-from regioncl.transfer.torchvision_backend import (
-    DETECTOR_FORMAT,
-    build_detector,
-    select_device,
-)
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
 MASK_THRESHOLD = 0.5  # torchvision's mask probabilities -> binary masks, as detectron2
@@ -94,47 +84,12 @@ def predict(model: torch.nn.Module, data: CocoDetection, batch_size: int, device
     model.eval()
     detections = []
     starts = range(0, len(data), batch_size)
-    for start in tqdm(starts, desc="evaluate", unit="batch", file=sys.stderr, dynamic_ncols=True):
+    progress = Progress(len(starts), desc="evaluate (batches)")
+    for done, start in enumerate(starts, start=1):
         indices = range(start, min(start + batch_size, len(data)))
         outputs = model([data.load_image(i).to(device) for i in indices])
         for i, output in zip(indices, outputs):
             detections += to_coco_detections(output, data.image_ids[i], data.category_ids)
+        progress.update(done)
+    progress.close()
     return detections
-
-
-def load_detector(benchmark: BenchmarkSettings, model_path: Path) -> tuple[torch.nn.Module, dict]:
-    saved = load_finetuned_detector(model_path, DETECTOR_FORMAT, benchmark)
-    model = build_detector(benchmark, num_classes=len(saved["category_ids"]))
-    model.load_state_dict(saved["state_dict"])
-    return model, saved
-
-
-def evaluate(
-    benchmark: BenchmarkSettings,
-    model_path: Path,
-    out: Path,
-    *,
-    run: str | None = None,
-    method: str | None = None,
-) -> dict:
-    """Run the detector on the benchmark's val split (on ``benchmark.device``), score it, write
-    and return the record.
-
-    ``run`` and ``method`` label the record for the tables; ``method`` defaults to the one the
-    detector's weights came from ("random" without pretraining).
-    """
-    device = select_device(benchmark)
-    model, saved = load_detector(benchmark, model_path)
-    gt_json = benchmark.dataset.path("val_json")
-    data = CocoDetection(gt_json, benchmark.dataset.path("val_images"), with_masks=False)
-    if data.category_ids != saved["category_ids"]:
-        raise ValueError(
-            f"{gt_json}: categories {data.category_ids} differ from those the model was "
-            f"trained on {saved['category_ids']}"
-        )
-    detections = predict(model.to(device), data, benchmark.eval.batch_size, device)
-    metrics = {t: coco_metrics(gt_json, detections, t) for t in benchmark.iou_types}
-    return write_metrics_record(
-        out, benchmark, model_path, saved, metrics, run=run, method=method,
-        versions={"torchvision": torchvision.__version__},
-    )
