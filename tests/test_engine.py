@@ -1,4 +1,3 @@
-import io
 import json
 import math
 import os
@@ -9,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-import webdataset as wds
-from PIL import Image
 
 from regioncl.data.shards import ShardStream
 from regioncl.engine import OptimizerSettings, PretrainSettings, pretrain
@@ -27,6 +24,8 @@ from regioncl.engine.schedule import warmup_cosine_lr
 from regioncl.methods.moco_v2 import MocoV2Params
 from regioncl.models.momentum import cosine_momentum
 from regioncl.models.sync_bn import convert_sync_batchnorm
+
+from pretrain_runs import metric_values, newest_model_state, spawn_two_ranks, write_shards  # tests/pretrain_runs.py
 
 RUN = {
     "method": "moco_v2",
@@ -46,26 +45,9 @@ RUN = {
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
-def _write_shards(directory: Path, num_images: int = 12, per_shard: int = 7) -> list[Path]:
-    rng = np.random.default_rng(0)
-    paths = []
-    for first in range(0, num_images, per_shard):
-        path = directory / f"shard{len(paths)}.tar"
-        with wds.TarWriter(str(path)) as writer:
-            for index in range(first, min(first + per_shard, num_images)):
-                width, height = int(rng.integers(40, 64)), int(rng.integers(40, 64))
-                pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-                jpeg = io.BytesIO()
-                Image.fromarray(pixels).save(jpeg, format="JPEG")
-                meta = {"width": width, "height": height, "boxes": [[1.0, 2.0, 20.0, 30.0]]}
-                writer.write({"__key__": f"img{index:03d}", "jpg": jpeg.getvalue(), "json": json.dumps(meta).encode()})
-        paths.append(path)
-    return paths
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[Path]:
-    return _write_shards(tmp_path_factory.mktemp("shards"))
+    return write_shards(tmp_path_factory.mktemp("shards"))
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +56,6 @@ def reference_run(shards, tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("reference")
     pretrain(PretrainSettings.from_dict(RUN), shards, workdir / "final.pt", workdir)
     return workdir
-
-
-def _final_model_state(workdir: Path) -> dict[str, torch.Tensor]:
-    newest = sorted(workdir.glob("checkpoint_*.pt"))[-1]
-    return torch.load(newest, weights_only=False)["model"]
 
 
 def _assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -121,7 +98,7 @@ def test_resume_mid_epoch_ends_bitwise_equal_to_the_uninterrupted_run(shards, re
     workdir = _copy_run(interrupted_run, tmp_path)
     pretrain(PretrainSettings.from_dict(RUN), shards, workdir / "final.pt", workdir)  # resumes at epoch 1, batch 1
     assert "resuming from step 4 (checkpoint" in capsys.readouterr().out
-    _assert_same_state(_final_model_state(workdir), _final_model_state(reference_run))
+    _assert_same_state(newest_model_state(workdir), newest_model_state(reference_run))
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
 
@@ -134,7 +111,7 @@ def test_truncated_newest_checkpoint_is_skipped_and_the_previous_used(shards, re
     out = capsys.readouterr().out
     assert f"skipping checkpoint {newest}: sha256 does not match" in out
     assert "resuming from step 3 (checkpoint" in out and "checkpoint_00000003.pt" in out
-    _assert_same_state(_final_model_state(workdir), _final_model_state(reference_run))
+    _assert_same_state(newest_model_state(workdir), newest_model_state(reference_run))
 
 
 ACCUMULATE_RUN = {**RUN, "accumulate_steps": 2, "num_workers": 0}  # 2 micro-batches of 2 images per step
@@ -148,8 +125,8 @@ def test_resume_mid_epoch_with_gradient_accumulation_ends_bitwise_equal_to_the_u
     pretrain(PretrainSettings.from_dict(ACCUMULATE_RUN), shards, resumed / "final.pt", resumed, stop_after_steps=4)
     pretrain(PretrainSettings.from_dict(ACCUMULATE_RUN), shards, resumed / "final.pt", resumed)
     assert "resuming from step 4 (checkpoint" in capsys.readouterr().out
-    _assert_same_state(_final_model_state(resumed), _final_model_state(straight))
-    assert _losses(resumed) == _losses(straight)
+    _assert_same_state(newest_model_state(resumed), newest_model_state(straight))
+    assert metric_values(resumed) == metric_values(straight)
 
 
 BYOL_RUN = {
@@ -174,7 +151,7 @@ def test_byol_resumed_after_two_steps_ends_bitwise_equal_with_its_cosine_ema(sha
     pretrain(PretrainSettings.from_dict(BYOL_RUN), shards, tmp_path / "final.pt", tmp_path, stop_after_steps=2)
     pretrain(PretrainSettings.from_dict(BYOL_RUN), shards, tmp_path / "final.pt", tmp_path)
     assert "resuming from step 2" in capsys.readouterr().out
-    _assert_same_state(_final_model_state(tmp_path), _final_model_state(byol_run))
+    _assert_same_state(newest_model_state(tmp_path), newest_model_state(byol_run))
     assert torch.load(byol_run / "final.pt", weights_only=True)["method"] == "byol"
 
 
@@ -229,7 +206,7 @@ def test_bf16_autocast_run_computes_convolutions_in_bf16_and_keeps_fp32_weights(
     assert len(convs.dtypes) == 80 and set(convs.dtypes) == {torch.bfloat16}
     state = torch.load(tmp_path / "checkpoint_00000001.pt", weights_only=False)
     assert state["scaler"] == {}  # bf16 needs no loss scaling
-    assert all(math.isfinite(loss) for loss in _losses(tmp_path))
+    assert all(math.isfinite(loss) for loss in metric_values(tmp_path))
     assert all(value.dtype != torch.bfloat16 for value in state["model"].values())  # autocast keeps fp32 weights
 
 
@@ -332,18 +309,11 @@ def test_dist_env_from_torchrun_slurm_or_neither():
     ]
 
 
-def _two_process_rank(rank: int, port: int, run: dict, shards: list[Path], workdir: Path, stop: int | None) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    settings = PretrainSettings.from_dict({**run, "num_workers": 0})
-    pretrain(settings, shards, workdir / "final.pt", workdir, stop_after_steps=stop)
-
-
 @pytest.fixture(scope="module")
 def two_rank_run(shards, tmp_path_factory) -> Path:
     """RUN on 2 gloo ranks (2 images each per step, shuffle-BN on), uninterrupted; returns its workdir."""
     workdir = tmp_path_factory.mktemp("two_ranks")
-    _spawn_two_ranks(RUN, shards, workdir)
+    spawn_two_ranks(RUN, shards, workdir)
     return workdir
 
 
@@ -351,24 +321,24 @@ def two_rank_run(shards, tmp_path_factory) -> Path:
 def test_two_gloo_processes_train_with_shuffle_bn_and_share_one_queue(two_rank_run):
     final = torch.load(two_rank_run / "final.pt", weights_only=True)
     assert (final["steps"], final["arch"]) == (6, "resnet18")
-    state = _final_model_state(two_rank_run)
+    state = newest_model_state(two_rank_run)
     assert int(state["queue.pointer"]) == (6 * 4) % 16  # every step enqueued the 4 all-gathered keys
     torch.testing.assert_close(state["queue.features"].norm(dim=1), torch.ones(16))
     # BN statistics are per rank (2 images each), so the weights are not those of a 1-process run;
     # the data each step sees is (test below).
-    losses = _losses(two_rank_run)
+    losses = metric_values(two_rank_run)
     assert len(losses) == 6 and all(math.isfinite(loss) for loss in losses)
 
 
 @pytest.mark.slow  # two more 2-process spawns
 def test_two_ranks_resumed_mid_epoch_end_bitwise_equal_to_their_uninterrupted_run(shards, two_rank_run, tmp_path, capfd):
     # Step 4 is epoch 1, batch 1: each rank must skip exactly its own 2 samples of that epoch.
-    _spawn_two_ranks(RUN, shards, tmp_path, stop=4)
+    spawn_two_ranks(RUN, shards, tmp_path, stop=4)
     assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == ["checkpoint_00000003.pt", "checkpoint_00000004.pt"]
-    _spawn_two_ranks(RUN, shards, tmp_path)
+    spawn_two_ranks(RUN, shards, tmp_path)
     assert "resuming from step 4 (checkpoint" in capfd.readouterr().out  # the ranks' stdout (rank 0 says it)
-    _assert_same_state(_final_model_state(tmp_path), _final_model_state(two_rank_run))
-    assert _losses(tmp_path) == _losses(two_rank_run)
+    _assert_same_state(newest_model_state(tmp_path), newest_model_state(two_rank_run))
+    assert metric_values(tmp_path) == metric_values(two_rank_run)
 
 
 # Crops of 64 px: at 32 px layer4 is 1x1, BN normalizes over 4 values and amplifies float noise
@@ -379,17 +349,6 @@ def test_two_ranks_resumed_mid_epoch_end_bitwise_equal_to_their_uninterrupted_ru
 SYNC_BN_RUNS = {
     "moco_v2": {**RUN, "sync_bn": True, "method_params": {**RUN["method_params"], "crop_size": 64, "shuffle_bn": True}},
 }
-
-
-def _spawn_two_ranks(run: dict, shards: list[Path], workdir: Path, stop: int | None = None) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.spawn(_two_process_rank, args=(port, run, shards, workdir, stop), nprocs=2)
-
-
-def _losses(workdir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _rows_sorted(features: torch.Tensor) -> torch.Tensor:
@@ -404,8 +363,8 @@ ONE_VS_TWO_PROCESSES_TOLERANCE = 1e-5
 
 def _largest_differences(one: Path, two: Path) -> tuple[float, float]:
     """(largest |loss difference| over the steps, largest |difference| in the final state) of two runs."""
-    loss = max(abs(a - b) for a, b in zip(_losses(one), _losses(two), strict=True))
-    expected, actual = _final_model_state(one), _final_model_state(two)
+    loss = max(abs(a - b) for a, b in zip(metric_values(one), metric_values(two), strict=True))
+    expected, actual = newest_model_state(one), newest_model_state(two)
     assert actual.keys() == expected.keys()
     if "queue.features" in expected:
         expected["queue.features"] = _rows_sorted(expected["queue.features"])
@@ -423,7 +382,7 @@ def test_two_gloo_processes_with_sync_bn_match_one_process_of_the_same_global_ba
     run = SYNC_BN_RUNS[method]
     one, two, other_seed = tmp_path / "one", tmp_path / "two", tmp_path / "other_seed"
     pretrain(PretrainSettings.from_dict(run), shards, one / "final.pt", one)
-    _spawn_two_ranks(run, shards, two)
+    spawn_two_ranks(run, shards, two)
     loss, state = _largest_differences(one, two)
     assert loss <= ONE_VS_TWO_PROCESSES_TOLERANCE and state <= ONE_VS_TWO_PROCESSES_TOLERANCE, (loss, state)
     # Negative control: the comparison tells runs apart (another seed: other weights and views).

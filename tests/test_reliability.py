@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import RUN, _write_shards
+from pretrain_runs import write_shards
+from test_engine import RUN
 
 from regioncl.engine import PretrainSettings, pretrain, run_identity
 from regioncl.engine.checkpoint import (
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[Path]:
-    return _write_shards(tmp_path_factory.mktemp("shards"))
+    return write_shards(tmp_path_factory.mktemp("shards"))
 
 
 def zero_temperature_settings() -> PretrainSettings:

@@ -4,7 +4,6 @@
 import io
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +20,8 @@ from regioncl.methods import StepInfo, get_method
 from regioncl.methods.detco import DetCo, DetCoParams
 from regioncl.models import gather
 from regioncl.models.multilevel import STAGES
+
+from pretrain_runs import metric_values, newest_model_state, spawn_two_ranks  # tests/pretrain_runs.py
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -234,21 +235,6 @@ RUN = {
 }
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> list[Path]:
-    from test_engine import _write_shards  # tests/test_engine.py (tests/ is on sys.path via its conftest)
-
-    return _write_shards(tmp_path_factory.mktemp("shards"))
-
-
-def _losses(workdir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _newest_state(workdir: Path) -> dict:
-    return torch.load(sorted(workdir.glob("checkpoint_*.pt"))[-1], weights_only=False)["model"]
-
-
 @pytest.mark.slow  # 20-60 s on 2 shared cores: three short runs writing full checkpoints
 def test_resume_after_a_stop_ends_bitwise_equal_to_the_uninterrupted_run(shards, tmp_path, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -257,10 +243,10 @@ def test_resume_after_a_stop_ends_bitwise_equal_to_the_uninterrupted_run(shards,
     pretrain(run, shards, resumed / "final.pt", resumed, stop_after_steps=2)
     pretrain(run, shards, resumed / "final.pt", resumed)
     assert "resuming from step 2" in capsys.readouterr().out
-    expected, actual = _newest_state(straight), _newest_state(resumed)
+    expected, actual = newest_model_state(straight), newest_model_state(resumed)
     assert actual.keys() == expected.keys()
     assert [k for k in expected if not torch.equal(actual[k], expected[k])] == []
-    assert _losses(resumed) == _losses(straight)
+    assert metric_values(resumed) == metric_values(straight)
     assert int(expected["contrast.queues.local.c5.pointer"]) == 3 * 4
     final = torch.load(straight / "final.pt", weights_only=True)
     assert (final["method"], final["steps"]) == ("detco", 3)
@@ -268,23 +254,22 @@ def test_resume_after_a_stop_ends_bitwise_equal_to_the_uninterrupted_run(shards,
 
 @pytest.mark.slow  # ~80 s: a 1-process run and two 2-process spawns
 def test_two_gloo_processes_agree_with_one_on_the_first_steps(shards, tmp_path):
-    from test_engine import _spawn_two_ranks
 
     # SyncBN instead of shuffle-BN: BN statistics over the same global batch in both runs.
     run = {**RUN, "epochs": 1, "sync_bn": True, "method_params": {**RUN["method_params"], "shuffle_bn": False}}
     one, two = tmp_path / "one", tmp_path / "two"
     pretrain(PretrainSettings.from_dict(run), shards, one / "final.pt", one)
-    _spawn_two_ranks(run, shards, two)
+    spawn_two_ranks(run, shards, two)
     # Step 1 sees the same weights: equal up to float summation order. Step 2 follows one DDP
     # all-reduced update (another summation order): equal to a relative 1e-4.
-    assert _losses(two)[0] == pytest.approx(_losses(one)[0], abs=1e-5)
-    assert _losses(two)[1] == pytest.approx(_losses(one)[1], rel=1e-4)
-    assert int(_newest_state(two)["contrast.queues.global.c2.pointer"]) == 3 * 4  # every step the 4 gathered keys
+    assert metric_values(two)[0] == pytest.approx(metric_values(one)[0], abs=1e-5)
+    assert metric_values(two)[1] == pytest.approx(metric_values(one)[1], rel=1e-4)
+    assert int(newest_model_state(two)["contrast.queues.global.c2.pointer"]) == 3 * 4  # every step the 4 gathered keys
     # Shuffle-BN across the two ranks, crops and 9-patch sets shuffled together: trains, queues agree.
     shuffled = tmp_path / "shuffled"
-    _spawn_two_ranks({**RUN, "epochs": 1}, shards, shuffled)
-    assert all(math.isfinite(loss) for loss in _losses(shuffled))
-    assert int(_newest_state(shuffled)["contrast.queues.local.c5.pointer"]) == 3 * 4
+    spawn_two_ranks({**RUN, "epochs": 1}, shards, shuffled)
+    assert all(math.isfinite(loss) for loss in metric_values(shuffled))
+    assert int(newest_model_state(shuffled)["contrast.queues.local.c5.pointer"]) == 3 * 4
 
 
 def _shapes_image(rng: np.random.Generator) -> Image.Image:
@@ -331,10 +316,10 @@ def test_a_short_run_lowers_the_loss_and_its_converted_weights_finetune(tmp_path
     initial = DetCo(DetCoParams(**RUN["method_params"]), arch="resnet18")
     batch = initial.collate([initial.make_views(s, np.random.default_rng(i)) for i, s in enumerate(held_out)])
     trained = DetCo(DetCoParams(**RUN["method_params"]), arch="resnet18")
-    trained.load_state_dict(_newest_state(tmp_path))
+    trained.load_state_dict(newest_model_state(tmp_path))
     before, after = _loss_against_fixed_negatives(initial, batch), _loss_against_fixed_negatives(trained, batch)
     assert after < 0.7 * before, (before, after)
-    assert all(math.isfinite(loss) for loss in _losses(tmp_path))
+    assert all(math.isfinite(loss) for loss in metric_values(tmp_path))
 
     convert_checkpoint(tmp_path / "final.pt", tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
     coco = tmp_path / "coco"

@@ -5,7 +5,6 @@ engine (exact resume, 1 vs 2 gloo processes, a short run that learns, converted 
 import io
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +20,8 @@ from regioncl.methods import StepInfo, get_method
 from regioncl.methods.dupr import Dupr, DuprParams
 from regioncl.models import gather
 from regioncl.models.multilevel import STAGES
+
+from pretrain_runs import metric_values, newest_model_state, spawn_two_ranks  # tests/pretrain_runs.py
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -255,21 +256,6 @@ RUN = {
 }
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> list[Path]:
-    from test_engine import _write_shards  # tests/test_engine.py (tests/ is on sys.path via its conftest)
-
-    return _write_shards(tmp_path_factory.mktemp("shards"))
-
-
-def _losses(workdir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _newest_state(workdir: Path) -> dict:
-    return torch.load(sorted(workdir.glob("checkpoint_*.pt"))[-1], weights_only=False)["model"]
-
-
 @pytest.mark.slow  # 20-60 s on 2 shared cores: three short runs writing full checkpoints
 def test_resume_after_a_stop_ends_bitwise_equal_to_the_uninterrupted_run(shards, tmp_path, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -278,30 +264,29 @@ def test_resume_after_a_stop_ends_bitwise_equal_to_the_uninterrupted_run(shards,
     pretrain(run, shards, resumed / "final.pt", resumed, stop_after_steps=2)
     pretrain(run, shards, resumed / "final.pt", resumed)
     assert "resuming from step 2" in capsys.readouterr().out
-    expected, actual = _newest_state(straight), _newest_state(resumed)
+    expected, actual = newest_model_state(straight), newest_model_state(resumed)
     assert actual.keys() == expected.keys()
     assert [k for k in expected if not torch.equal(actual[k], expected[k])] == []
-    assert _losses(resumed) == _losses(straight)
+    assert metric_values(resumed) == metric_values(straight)
     assert int(expected["contrast.queues.global.c2.pointer"]) == 3 * 4
 
 
 @pytest.mark.slow  # ~80 s: a 1-process run and two 2-process spawns
 def test_two_gloo_processes_agree_with_one_on_the_first_steps(shards, tmp_path):
-    from test_engine import _spawn_two_ranks
 
     run = {**RUN, "sync_bn": True, "method_params": {**RUN["method_params"], "shuffle_bn": False}}
     one, two = tmp_path / "one", tmp_path / "two"
     pretrain(PretrainSettings.from_dict(run), shards, one / "final.pt", one)
-    _spawn_two_ranks(run, shards, two)
-    assert _losses(two)[0] == pytest.approx(_losses(one)[0], abs=1e-5)
-    assert _losses(two)[1] == pytest.approx(_losses(one)[1], rel=1e-4)
+    spawn_two_ranks(run, shards, two)
+    assert metric_values(two)[0] == pytest.approx(metric_values(one)[0], abs=1e-5)
+    assert metric_values(two)[1] == pytest.approx(metric_values(one)[1], rel=1e-4)
     for name in ("patch_queues.c4.pointer", "contrast.queues.global.c5.pointer"):
-        assert _newest_state(two)[name] == _newest_state(one)[name]
+        assert newest_model_state(two)[name] == newest_model_state(one)[name]
     # Shuffle-BN across the two ranks (images with their boxes, flips and cells): trains, queues agree.
     shuffled = tmp_path / "shuffled"
-    _spawn_two_ranks(RUN, shards, shuffled)
-    assert all(math.isfinite(loss) for loss in _losses(shuffled))
-    assert _newest_state(shuffled)["patch_queues.c5.pointer"] == _newest_state(one)["patch_queues.c5.pointer"]
+    spawn_two_ranks(RUN, shards, shuffled)
+    assert all(math.isfinite(loss) for loss in metric_values(shuffled))
+    assert newest_model_state(shuffled)["patch_queues.c5.pointer"] == newest_model_state(one)["patch_queues.c5.pointer"]
 
 
 @pytest.mark.slow  # ~80 s: 12 steps of 8 images, then a 2-iteration finetune
@@ -324,7 +309,7 @@ def test_a_short_run_lowers_the_loss_and_its_converted_weights_finetune(tmp_path
     # From step 5 on every queue holds real keys only (image queues: 4 steps of 8 keys; patch
     # queues: 1 step of 32 cells); from there the logged loss falls. (Measured against held-out
     # images, 12 steps are too few here: a random network already matches a cell with itself.)
-    losses = _losses(tmp_path)
+    losses = metric_values(tmp_path)
     assert all(math.isfinite(loss) for loss in losses)
     assert np.mean(losses[-3:]) < np.mean(losses[4:7]) - 0.3, losses
 

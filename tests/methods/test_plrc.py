@@ -8,7 +8,6 @@ import copy
 import io
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +21,8 @@ from regioncl.engine import PretrainSettings, pretrain
 from regioncl.geometry import View, cell_index, map_points
 from regioncl.methods import StepInfo, get_method
 from regioncl.methods.plrc import Plrc, PlrcParams
+
+from pretrain_runs import metric_values, newest_model_state, spawn_two_ranks  # tests/pretrain_runs.py
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -330,21 +331,6 @@ RUN = {
 }
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> list[Path]:
-    from test_engine import _write_shards  # tests/test_engine.py (tests/ is on sys.path via its conftest)
-
-    return _write_shards(tmp_path_factory.mktemp("shards"))
-
-
-def _losses(workdir: Path, key: str = "loss") -> list[float]:
-    return [json.loads(line)[key] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _newest_state(workdir: Path) -> dict:
-    return torch.load(sorted(workdir.glob("checkpoint_*.pt"))[-1], weights_only=False)["model"]
-
-
 def test_stopped_before_the_warm_up_switch_and_resumed_past_it_ends_bitwise_equal(shards, tmp_path, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run = PretrainSettings.from_dict(RUN)
@@ -352,11 +338,11 @@ def test_stopped_before_the_warm_up_switch_and_resumed_past_it_ends_bitwise_equa
     pretrain(run, shards, resumed / "final.pt", resumed, stop_after_steps=2)  # epoch 0: no distillation yet
     pretrain(run, shards, resumed / "final.pt", resumed)
     assert "resuming from step 2" in capsys.readouterr().out
-    expected, actual = _newest_state(straight), _newest_state(resumed)
+    expected, actual = newest_model_state(straight), newest_model_state(resumed)
     assert actual.keys() == expected.keys()
     assert [k for k in expected if not torch.equal(actual[k], expected[k])] == []
-    assert _losses(resumed) == _losses(straight)
-    distill = _losses(straight, "loss_distill")
+    assert metric_values(resumed) == metric_values(straight)
+    distill = metric_values(straight, "loss_distill")
     assert distill[:3] == [0.0, 0.0, 0.0] and all(value > 0 for value in distill[3:])
     assert int(expected["queue.pointer"]) == (6 * 4) % 16
     assert torch.load(straight / "final.pt", weights_only=True)["method"] == "plrc"
@@ -364,7 +350,6 @@ def test_stopped_before_the_warm_up_switch_and_resumed_past_it_ends_bitwise_equa
 
 @pytest.mark.slow  # ~40 s: a 1-process run and a 2-process spawn
 def test_two_gloo_processes_agree_with_one_on_the_first_steps(shards, tmp_path):
-    from test_engine import _spawn_two_ranks
 
     # SyncBN instead of shuffle-BN: BN statistics over the same global batch in both runs;
     # distillation from the first step, so every loss is compared.
@@ -372,11 +357,11 @@ def test_two_gloo_processes_agree_with_one_on_the_first_steps(shards, tmp_path):
     run = {**RUN, "epochs": 1, "sync_bn": True, "method_params": params}
     one, two = tmp_path / "one", tmp_path / "two"
     pretrain(PretrainSettings.from_dict(run), shards, one / "final.pt", one)
-    _spawn_two_ranks(run, shards, two)
+    spawn_two_ranks(run, shards, two)
     for key in ("loss", "loss_image", "loss_point", "loss_distill", "point_images", "distill_points"):
-        assert _losses(two, key)[0] == pytest.approx(_losses(one, key)[0], abs=1e-5), key
-    assert _losses(two)[1] == pytest.approx(_losses(one)[1], rel=1e-4)
-    assert int(_newest_state(two)["queue.pointer"]) == int(_newest_state(one)["queue.pointer"]) == (3 * 4) % 16
+        assert metric_values(two, key)[0] == pytest.approx(metric_values(one, key)[0], abs=1e-5), key
+    assert metric_values(two)[1] == pytest.approx(metric_values(one)[1], rel=1e-4)
+    assert int(newest_model_state(two)["queue.pointer"]) == int(newest_model_state(one)["queue.pointer"]) == (3 * 4) % 16
 
 
 def _shapes_image(rng: np.random.Generator) -> Image.Image:
@@ -407,8 +392,8 @@ def test_a_short_run_lowers_the_loss_and_its_converted_weights_finetune(tmp_path
     run = {**RUN, "method_params": params, "epochs": 4, "batch_size": 8, "checkpoint_every_steps": 100,
            "optimizer": {"base_lr": 0.06, "reference_batch": 8}}  # fmt: skip
     pretrain(PretrainSettings.from_dict(run), [tmp_path / "shapes.tar"], tmp_path / "final.pt", tmp_path)
-    assert all(math.isfinite(loss) for loss in _losses(tmp_path))
-    assert _losses(tmp_path, "loss_distill")[-1] > 0  # the switch was reached
+    assert all(math.isfinite(loss) for loss in metric_values(tmp_path))
+    assert metric_values(tmp_path, "loss_distill")[-1] > 0  # the switch was reached
 
     # Held-out views against one fixed bank of image negatives (the logged image loss is against
     # a queue that fills with ever better keys); point contrasts are in-batch.
@@ -423,7 +408,7 @@ def test_a_short_run_lowers_the_loss_and_its_converted_weights_finetune(tmp_path
     initial = Plrc(PlrcParams(**params), arch="resnet18")
     batch = initial.collate([initial.make_views(s, np.random.default_rng(i)) for i, s in enumerate(held_out)])
     trained = Plrc(PlrcParams(**params), arch="resnet18")
-    trained.load_state_dict(_newest_state(tmp_path))
+    trained.load_state_dict(newest_model_state(tmp_path))
     before, after = evaluate(initial, batch), evaluate(trained, batch)
     # Measured: loss 4.01 -> 3.92, L_c 5.52 -> 5.41 (chance: log 256 = 5.55), L_a 5.77 -> 5.57. The
     # image loss against random negatives starts near its floor (untrained features all alike).

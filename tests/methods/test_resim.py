@@ -23,6 +23,8 @@ from regioncl.methods import StepInfo, get_method
 from regioncl.methods.resim import C4_LEVELS, FPN_LEVELS, RegionLevel, ResimC4, ResimFpn, ResimFpnParams, ResimParams
 from regioncl.models.roi import precise_roi_pool
 
+from pretrain_runs import metric_values, newest_model_state, spawn_two_ranks  # tests/pretrain_runs.py
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 CROP = 96  # toy views: C4 / P4 6 x 6, P3 12 x 12
@@ -329,21 +331,6 @@ RUN = {
 }
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> list[Path]:
-    from test_engine import _write_shards  # tests/test_engine.py (tests/ is on sys.path via its conftest)
-
-    return _write_shards(tmp_path_factory.mktemp("shards"))
-
-
-def _losses(workdir: Path, key: str = "loss") -> list[float]:
-    return [json.loads(line)[key] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _newest_state(workdir: Path) -> dict:
-    return torch.load(sorted(workdir.glob("checkpoint_*.pt"))[-1], weights_only=False)["model"]
-
-
 def test_resume_after_a_stop_ends_bitwise_equal_to_the_uninterrupted_run(shards, tmp_path, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run = PretrainSettings.from_dict(RUN)
@@ -351,17 +338,16 @@ def test_resume_after_a_stop_ends_bitwise_equal_to_the_uninterrupted_run(shards,
     pretrain(run, shards, resumed / "final.pt", resumed, stop_after_steps=2)
     pretrain(run, shards, resumed / "final.pt", resumed)
     assert "resuming from step 2" in capsys.readouterr().out
-    expected, actual = _newest_state(straight), _newest_state(resumed)
+    expected, actual = newest_model_state(straight), newest_model_state(resumed)
     assert actual.keys() == expected.keys()
     assert [k for k in expected if not torch.equal(actual[k], expected[k])] == []
-    assert _losses(resumed) == _losses(straight) and int(expected["queue.pointer"]) == (3 * 4) % 16
+    assert metric_values(resumed) == metric_values(straight) and int(expected["queue.pointer"]) == (3 * 4) % 16
     final = torch.load(straight / "final.pt", weights_only=True)
     assert final["method"] == "resim_fpn" and set(final["transfer"]) == {"fpn"}
 
 
 @pytest.mark.slow  # ~40 s (~100 s on loaded cores): a 1-process run and a 2-process spawn
 def test_two_gloo_processes_agree_with_one_on_the_first_step(shards, tmp_path):
-    from test_engine import _spawn_two_ranks
 
     # Both levels' negatives gathered (the paper keeps P3's per GPU, which by design depends on
     # the number of processes); cross-rank BN instead of shuffle-BN, as tests/test_engine.py.
@@ -369,10 +355,10 @@ def test_two_gloo_processes_agree_with_one_on_the_first_step(shards, tmp_path):
     run = {**RUN, "epochs": 1, "sync_bn": True, "method_params": {**RUN["method_params"], "shuffle_bn": False, "levels": levels}}
     one, two = tmp_path / "one", tmp_path / "two"
     pretrain(PretrainSettings.from_dict(run), shards, one / "final.pt", one)
-    _spawn_two_ranks(run, shards, two)
+    spawn_two_ranks(run, shards, two)
     for key in ("loss", "loss_image", "loss_region_p4", "loss_region_p3", "windows_p3"):
-        assert _losses(two, key)[0] == pytest.approx(_losses(one, key)[0], abs=1e-5), key
-    assert _newest_state(two)["queue.pointer"] == _newest_state(one)["queue.pointer"]
+        assert metric_values(two, key)[0] == pytest.approx(metric_values(one, key)[0], abs=1e-5), key
+    assert newest_model_state(two)["queue.pointer"] == newest_model_state(one)["queue.pointer"]
 
 
 def _embedded_images(directory: Path, count: int) -> list[Path]:
@@ -425,7 +411,7 @@ def test_a_short_run_on_embedded_images_learns_aligned_regions_and_its_weights_f
     run = {**RUN, "method_params": params, "epochs": 10, "batch_size": 16, "warmup_epochs": 0, "checkpoint_every_steps": 100,
            "optimizer": {"base_lr": 0.03, "reference_batch": 16}}  # fmt: skip
     pretrain(PretrainSettings.from_dict(run), [shard], tmp_path / "final.pt", tmp_path / "work")
-    assert all(math.isfinite(loss) for loss in _losses(tmp_path / "work"))
+    assert all(math.isfinite(loss) for loss in metric_values(tmp_path / "work"))
 
     # At this scale InfoNCE at tau 0.2 first rises (random features are smooth, so every
     # similarity starts near 0.7 and the spread grows before the ranking settles); what the
@@ -437,7 +423,7 @@ def test_a_short_run_on_embedded_images_learns_aligned_regions_and_its_weights_f
     initial = ResimFpn(ResimFpnParams(**params), arch="resnet18")
     batch = initial.collate([initial.make_views(s, np.random.default_rng(i)) for i, s in enumerate(held_out)])
     trained = ResimFpn(ResimFpnParams(**params), arch="resnet18")
-    trained.load_state_dict(_newest_state(tmp_path / "work"))
+    trained.load_state_dict(newest_model_state(tmp_path / "work"))
     for name in ("p4", "p3"):
         own_before, other_before, _ = _similarity_gaps(initial, batch, name)
         own_after, other_after, spread = _similarity_gaps(trained, batch, name)

@@ -25,6 +25,8 @@ from regioncl.transfer.benchmarks import BenchmarkSettings
 from regioncl.transfer.torchvision_backend import build_detector, finetune, load_pretrained_weights
 from regioncl.weights import read_detectron2_weights, write_pretrained_checkpoint
 
+from pretrain_runs import newest_model_state, spawn_two_ranks  # tests/pretrain_runs.py
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 TINY = {"view_size": 64, "hidden_dim": 32, "feature_dim": 16}
@@ -478,10 +480,6 @@ def _records(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _newest_state(workdir: Path) -> dict:
-    return torch.load(sorted(workdir.glob("checkpoint_*.pt"))[-1], weights_only=False)["model"]
-
-
 def test_resume_after_a_stop_ends_bitwise_equal_to_the_uninterrupted_run(shards, tmp_path, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run = PretrainSettings.from_dict(RUN)
@@ -489,7 +487,7 @@ def test_resume_after_a_stop_ends_bitwise_equal_to_the_uninterrupted_run(shards,
     pretrain(run, shards, resumed / "final.pt", resumed, stop_after_steps=2)
     pretrain(run, shards, resumed / "final.pt", resumed)
     assert "resuming from step 2" in capsys.readouterr().out
-    expected, actual = _newest_state(straight), _newest_state(resumed)
+    expected, actual = newest_model_state(straight), newest_model_state(resumed)
     assert actual.keys() == expected.keys()
     assert [k for k in expected if not torch.equal(actual[k], expected[k])] == []
     assert [r["loss"] for r in _records(resumed)] == [r["loss"] for r in _records(straight)]
@@ -499,12 +497,11 @@ def test_resume_after_a_stop_ends_bitwise_equal_to_the_uninterrupted_run(shards,
 
 @pytest.mark.slow  # ~40 s: a 1-process run and a 2-process spawn
 def test_two_gloo_processes_agree_with_one_on_the_first_step(shards, tmp_path):
-    from test_engine import _spawn_two_ranks  # tests/test_engine.py
 
     run = {**RUN, "sync_bn": True}  # BN statistics over the same global batch of boxes in both runs
     one, two = tmp_path / "one", tmp_path / "two"
     pretrain(PretrainSettings.from_dict(run), shards, one / "final.pt", one)
-    _spawn_two_ranks(run, shards, two)
+    spawn_two_ranks(run, shards, two)
     first_one, first_two = _records(one)[0], _records(two)[0]
     for name in ("loss", "loss_view1_view2", "loss_view2_view1", "loss_view1_view3", "loss_view3_view1"):
         assert first_two[name] == pytest.approx(first_one[name], abs=1e-5), name
