@@ -59,3 +59,23 @@ def spawn_two_ranks(run: dict, shards: list[Path], workdir: Path, stop: int | No
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     torch.multiprocessing.spawn(_two_process_rank, args=(port, run, shards, workdir, stop), nprocs=2)
+
+
+def stopped_and_resumed_run_equals_straight_run(
+    run: PretrainSettings, shards: list[Path], tmp_path: Path, capsys, *, stop: int = 2
+) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Run ``run`` straight, and again stopped after ``stop`` steps then resumed; assert the resume
+    said so and both end bitwise equal (every state tensor, every logged loss).
+
+    Returns the straight run's workdir and its newest state, for a method's own checks.
+    """
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    pretrain(run, shards, straight / "final.pt", straight)
+    pretrain(run, shards, resumed / "final.pt", resumed, stop_after_steps=stop)
+    pretrain(run, shards, resumed / "final.pt", resumed)
+    assert f"resuming from step {stop}" in capsys.readouterr().out
+    expected, actual = newest_model_state(straight), newest_model_state(resumed)
+    assert actual.keys() == expected.keys()
+    assert [key for key in expected if not torch.equal(actual[key], expected[key])] == []
+    assert metric_values(resumed) == metric_values(straight)
+    return straight, expected

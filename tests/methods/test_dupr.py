@@ -21,7 +21,7 @@ from regioncl.methods.dupr import Dupr, DuprParams
 from regioncl.models import gather
 from regioncl.models.multilevel import STAGES
 
-from pretrain_runs import metric_values, newest_model_state, spawn_two_ranks  # tests/pretrain_runs.py
+from pretrain_runs import metric_values, newest_model_state, spawn_two_ranks, stopped_and_resumed_run_equals_straight_run  # tests/pretrain_runs.py
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -258,16 +258,7 @@ RUN = {
 
 @pytest.mark.slow  # 20-60 s on 2 shared cores: three short runs writing full checkpoints
 def test_resume_after_a_stop_ends_bitwise_equal_to_the_uninterrupted_run(shards, tmp_path, capsys):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run = PretrainSettings.from_dict(RUN)
-    pretrain(run, shards, straight / "final.pt", straight)
-    pretrain(run, shards, resumed / "final.pt", resumed, stop_after_steps=2)
-    pretrain(run, shards, resumed / "final.pt", resumed)
-    assert "resuming from step 2" in capsys.readouterr().out
-    expected, actual = newest_model_state(straight), newest_model_state(resumed)
-    assert actual.keys() == expected.keys()
-    assert [k for k in expected if not torch.equal(actual[k], expected[k])] == []
-    assert metric_values(resumed) == metric_values(straight)
+    straight, expected = stopped_and_resumed_run_equals_straight_run(PretrainSettings.from_dict(RUN), shards, tmp_path, capsys)
     assert int(expected["contrast.queues.global.c2.pointer"]) == 3 * 4
 
 

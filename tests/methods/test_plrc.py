@@ -22,7 +22,7 @@ from regioncl.geometry import View, cell_index, map_points
 from regioncl.methods import StepInfo, get_method
 from regioncl.methods.plrc import Plrc, PlrcParams
 
-from pretrain_runs import metric_values, newest_model_state, spawn_two_ranks  # tests/pretrain_runs.py
+from pretrain_runs import metric_values, newest_model_state, spawn_two_ranks, stopped_and_resumed_run_equals_straight_run  # tests/pretrain_runs.py
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -332,16 +332,8 @@ RUN = {
 
 
 def test_stopped_before_the_warm_up_switch_and_resumed_past_it_ends_bitwise_equal(shards, tmp_path, capsys):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run = PretrainSettings.from_dict(RUN)
-    pretrain(run, shards, straight / "final.pt", straight)
-    pretrain(run, shards, resumed / "final.pt", resumed, stop_after_steps=2)  # epoch 0: no distillation yet
-    pretrain(run, shards, resumed / "final.pt", resumed)
-    assert "resuming from step 2" in capsys.readouterr().out
-    expected, actual = newest_model_state(straight), newest_model_state(resumed)
-    assert actual.keys() == expected.keys()
-    assert [k for k in expected if not torch.equal(actual[k], expected[k])] == []
-    assert metric_values(resumed) == metric_values(straight)
+    # stopped at step 2, in epoch 0: no distillation yet; resumed past the switch
+    straight, expected = stopped_and_resumed_run_equals_straight_run(PretrainSettings.from_dict(RUN), shards, tmp_path, capsys)
     distill = metric_values(straight, "loss_distill")
     assert distill[:3] == [0.0, 0.0, 0.0] and all(value > 0 for value in distill[3:])
     assert int(expected["queue.pointer"]) == (6 * 4) % 16

@@ -23,7 +23,7 @@ from regioncl.methods import StepInfo, get_method
 from regioncl.methods.resim import C4_LEVELS, FPN_LEVELS, RegionLevel, ResimC4, ResimFpn, ResimFpnParams, ResimParams
 from regioncl.models.roi import precise_roi_pool
 
-from pretrain_runs import metric_values, newest_model_state, spawn_two_ranks  # tests/pretrain_runs.py
+from pretrain_runs import metric_values, newest_model_state, spawn_two_ranks, stopped_and_resumed_run_equals_straight_run  # tests/pretrain_runs.py
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -332,16 +332,8 @@ RUN = {
 
 
 def test_resume_after_a_stop_ends_bitwise_equal_to_the_uninterrupted_run(shards, tmp_path, capsys):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run = PretrainSettings.from_dict(RUN)
-    pretrain(run, shards, straight / "final.pt", straight)
-    pretrain(run, shards, resumed / "final.pt", resumed, stop_after_steps=2)
-    pretrain(run, shards, resumed / "final.pt", resumed)
-    assert "resuming from step 2" in capsys.readouterr().out
-    expected, actual = newest_model_state(straight), newest_model_state(resumed)
-    assert actual.keys() == expected.keys()
-    assert [k for k in expected if not torch.equal(actual[k], expected[k])] == []
-    assert metric_values(resumed) == metric_values(straight) and int(expected["queue.pointer"]) == (3 * 4) % 16
+    straight, expected = stopped_and_resumed_run_equals_straight_run(PretrainSettings.from_dict(RUN), shards, tmp_path, capsys)
+    assert int(expected["queue.pointer"]) == (3 * 4) % 16
     final = torch.load(straight / "final.pt", weights_only=True)
     assert final["method"] == "resim_fpn" and set(final["transfer"]) == {"fpn"}
 

@@ -25,7 +25,7 @@ from regioncl.transfer.benchmarks import BenchmarkSettings
 from regioncl.transfer.torchvision_backend import build_detector, finetune, load_pretrained_weights
 from regioncl.weights import read_detectron2_weights, write_pretrained_checkpoint
 
-from pretrain_runs import newest_model_state, spawn_two_ranks  # tests/pretrain_runs.py
+from pretrain_runs import spawn_two_ranks, stopped_and_resumed_run_equals_straight_run  # tests/pretrain_runs.py
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -481,16 +481,7 @@ def _records(workdir: Path) -> list[dict]:
 
 
 def test_resume_after_a_stop_ends_bitwise_equal_to_the_uninterrupted_run(shards, tmp_path, capsys):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run = PretrainSettings.from_dict(RUN)
-    pretrain(run, shards, straight / "final.pt", straight)
-    pretrain(run, shards, resumed / "final.pt", resumed, stop_after_steps=2)
-    pretrain(run, shards, resumed / "final.pt", resumed)
-    assert "resuming from step 2" in capsys.readouterr().out
-    expected, actual = newest_model_state(straight), newest_model_state(resumed)
-    assert actual.keys() == expected.keys()
-    assert [k for k in expected if not torch.equal(actual[k], expected[k])] == []
-    assert [r["loss"] for r in _records(resumed)] == [r["loss"] for r in _records(straight)]
+    straight, expected = stopped_and_resumed_run_equals_straight_run(PretrainSettings.from_dict(RUN), shards, tmp_path, capsys)
     final = torch.load(straight / "final.pt", weights_only=True)
     assert (final["method"], sorted(final["transfer"])) == ("soco", ["box_head", "fpn"])
 
