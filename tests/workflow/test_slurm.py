@@ -46,7 +46,7 @@ TEST_CLUSTER_ARGS = [
     "--retries", "0",
     "--latency-wait", "5",
     "--groups", *(f"{rule}=prep" for rule in ("embedded_dataset", "image_list", "proposals", "shards")),
-    *(f"{rule}=post" for rule in ("convert", "finetune", "evaluate", "tables")),
+    *(f"{rule}=post" for rule in ("convert", "finetune", "evaluate", "probe", "tables")),
 ]  # fmt: skip
 
 
