@@ -84,9 +84,15 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
-    from regioncl.convert import convert_checkpoint
+    from regioncl.convert import SupervisedSource, convert_checkpoint, convert_supervised
 
-    report = convert_checkpoint(args.checkpoint, args.torchvision, args.detectron2)
+    if args.checkpoint is not None:
+        report = convert_checkpoint(args.checkpoint, args.torchvision, args.detectron2)
+    else:
+        if args.arch is None:
+            raise SystemExit("regioncl convert: --supervised needs --arch (e.g. resnet50)")
+        source = SupervisedSource.parse(args.supervised, args.arch)
+        report = convert_supervised(source, args.torchvision, args.detectron2)
     print(
         f"{report.method} {report.arch}: {report.torchvision_keys} tensors to {args.torchvision}, "
         f"{report.detectron2_keys} to {args.detectron2}; {len(report.dropped)} dropped on purpose:",
@@ -204,8 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=Path, help="per-step loss and lr (JSON lines), written with --out")
     p.set_defaults(func=_cmd_pretrain)
 
-    p = stages.add_parser("convert", help="pretrained checkpoint to torchvision and detectron2 weights")
-    p.add_argument("--checkpoint", type=Path, required=True)
+    p = stages.add_parser("convert", help="pretrained (or supervised) weights to torchvision and detectron2 weights")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="a pretrained checkpoint (checkpoint_final.pt)")
+    source.add_argument(
+        "--supervised", help="the supervised baseline: 'torchvision' (its ImageNet weights, downloaded), "
+        "'torchvision:<weights name>' or a torchvision classification state dict (.pth)",
+    )
+    p.add_argument("--arch", help="with --supervised: the ResNet, e.g. resnet50")
     p.add_argument("--torchvision", type=Path, required=True)
     p.add_argument("--detectron2", type=Path, required=True)
     p.set_defaults(func=_cmd_convert)

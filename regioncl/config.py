@@ -13,17 +13,25 @@ import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from regioncl.archs import ARCH_SHORT_NAMES
+from regioncl.baselines import BASELINES, SUPERVISED, baseline_run
 from regioncl.data.layouts import SPLIT_PATHS, DatasetSpec
 from regioncl.resources import ClusterResources
+
+if TYPE_CHECKING:
+    from regioncl.convert import SupervisedSource
 
 EMBEDDED_OUTPUTS = ("dataset.json", SPLIT_PATHS["embedded"]["train_json"], SPLIT_PATHS["embedded"]["val_json"])
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key."""
+
+
+# Every name a baseline or its run may take: no pretraining run may take one.
+BASELINE_RUNS = frozenset(BASELINES) | {baseline_run(b, short) for b in BASELINES for short in ARCH_SHORT_NAMES.values()}
 
 
 @dataclass(frozen=True)
@@ -81,14 +89,17 @@ class WorkflowPlan:
         self.proposal_processes = int(proposals.get("processes", 1))
         self.proposal_settings: dict[str, Any] = dict(proposals.get("settings", {}))
 
+        finetune = config["finetune"]
+        self.baselines: list[str] = self._known_baselines(finetune.get("baselines", []))
+        self.supervised_sources = self._resolve_supervised_sources(finetune.get("supervised", {}))
+        self.supervised_runs: dict[str, SupervisedSource] = {}  # filled with the jobs that finetune them
+
         pretrain = config["pretrain"]
         self.pretrain_nproc_per_node = int(pretrain.get("nproc_per_node", 1))
         self.pretrain_threads = int(pretrain.get("threads", max(1, self.pretrain_nproc_per_node)))
         self.runs = self._resolve_runs(pretrain, config.get("methods", {}))
 
-        finetune = config["finetune"]
         self.finetune_threads = int(finetune.get("threads", 1))
-        self.baselines: list[str] = list(finetune.get("baselines", []))
         self.benchmarks = self._resolve_benchmarks(config.get("benchmarks", {}), finetune["benchmarks"])
         self.jobs = self._finetune_jobs(finetune)
 
@@ -133,16 +144,52 @@ class WorkflowPlan:
             arch = settings.get("arch", "resnet50")
             epochs = int(settings["epochs"])
             name = entry.get("name") or run_name(method, arch, epochs)
-            if name in runs or name in self._baseline_names():
+            if name in runs:
                 raise ConfigError(f"{key}: run name {name!r} is used twice")
+            if name in BASELINE_RUNS:
+                raise ConfigError(f"{key}: run name {name!r} is a baseline's; choose another `name`")
             dataset = self._known_dataset(entry.get("dataset", self.pretrain_dataset), f"{key}.dataset")
             if dataset not in self._num_chunks:
                 raise ConfigError(f"{key}.dataset: only pretrain_data.dataset ({self.pretrain_dataset}) is chunked")
             runs[name] = RunSpec(name=name, method=method, arch=arch, epochs=epochs, dataset=dataset, settings=settings)
         return runs
 
-    def _baseline_names(self) -> list[str]:
-        return list(getattr(self, "baselines", []))
+    @staticmethod
+    def _known_baselines(baselines: list[str]) -> list[str]:
+        unknown = [b for b in baselines if b not in BASELINES]
+        if unknown:
+            raise ConfigError(f"finetune.baselines: {unknown} not implemented; implemented: {list(BASELINES)}")
+        return list(dict.fromkeys(baselines))
+
+    @staticmethod
+    def _resolve_supervised_sources(supervised: dict[str, Any]) -> dict[str, SupervisedSource]:
+        """``finetune.supervised.weights``: per arch, where the ``supervised`` baseline's ImageNet
+        weights come from (``regioncl.convert.SupervisedSource``); checked whether or not the
+        baseline is finetuned, so a typo or a missing file shows now."""
+        from regioncl.convert import SupervisedSource
+
+        sources = {}
+        for arch, value in supervised.get("weights", {}).items():
+            try:
+                sources[arch] = SupervisedSource.parse(value, arch)
+            except ValueError as error:
+                raise ConfigError(f"finetune.supervised.weights.{arch}: {error}") from error
+        return sources
+
+    def _baseline_run(self, method: str, benchmark: str) -> str:
+        """The run of baseline ``method`` finetuned on ``benchmark``: ``supervised`` needs weights of its arch."""
+        arch = self.benchmarks[benchmark]["arch"]
+        run = baseline_run(method, ARCH_SHORT_NAMES[arch])
+        if method == SUPERVISED:
+            if arch not in self.supervised_sources:
+                raise ConfigError(
+                    f"finetune.supervised.weights: no {arch} weights for the supervised baseline, which "
+                    f"benchmark {benchmark!r} finetunes; set finetune.supervised.weights.{arch} to `torchvision` "
+                    "(torchvision's ImageNet weights, downloaded when converted) or the path of a torchvision "
+                    f"classification state dict (.pth), or leave supervised out of benchmarks.{benchmark}.methods"
+                )
+            self.supervised_runs[run] = self.supervised_sources[arch]
+        return run
 
     def _resolve_benchmarks(self, defined: dict[str, Any], selected: list[str]) -> dict[str, dict[str, Any]]:
         from regioncl.transfer.registry import resolve_benchmark
@@ -175,16 +222,14 @@ class WorkflowPlan:
         return methods
 
     def _finetune_jobs(self, finetune: dict[str, Any]) -> list[FinetuneJob]:
-        unknown = [b for b in self.baselines if b != "random"]
-        if unknown:
-            raise ConfigError(f"finetune.baselines: {unknown} not implemented; implemented: ['random']")
         from regioncl.transfer.registry import registered_seeds
 
         jobs = []
         for benchmark, settings in self.benchmarks.items():
-            runs = self.baselines + [r.name for r in self.runs.values() if r.arch == settings["arch"]]
-            if self._benchmark_methods[benchmark] is not None:
-                runs = [run for run in runs if self.method_of(run) in self._benchmark_methods[benchmark]]
+            allowed = self._benchmark_methods[benchmark]
+            baselines = [b for b in self.baselines if allowed is None or b in allowed]
+            runs = [self._baseline_run(b, benchmark) for b in baselines]
+            runs += [r.name for r in self.runs.values() if r.arch == settings["arch"] and (allowed is None or r.method in allowed)]
             # A registered protocol fixes its seeds (VOC: 5 runs, as the papers average);
             # otherwise the workflow's `finetune.seeds`.
             seeds = registered_seeds(settings) or finetune.get("seeds", [0])
@@ -293,7 +338,8 @@ class WorkflowPlan:
         return [f"results/shards/{dataset}/{chunk}.tar" for chunk in self.chunks(dataset)]
 
     def weights_inputs(self, run: str, benchmark: str) -> list[str]:
-        """The converted weights a finetune loads: the format of the benchmark's backend."""
+        """The converted weights a finetune loads: the format of the benchmark's backend (none
+        for the ``random`` baseline)."""
         if run in self.baselines:
             return []
         from regioncl.transfer.backends import WEIGHTS_SUFFIX
@@ -304,10 +350,29 @@ class WorkflowPlan:
         return (self.weights_inputs(run, benchmark) or ["none"])[0]
 
     def converted_weights(self) -> list[str]:
-        return [f"results/weights/{run}.{suffix}" for run in self.runs for suffix in ("tv.pth", "d2.pkl")]
+        runs = [*self.runs, *self.supervised_runs]
+        return [f"results/weights/{run}.{suffix}" for run in runs for suffix in ("tv.pth", "d2.pkl")]
+
+    def convert_inputs(self, run: str) -> list[str]:
+        """What ``convert`` reads for ``run``: its pretrained checkpoint, or a supervised run's
+        local weights file (none for torchvision's, downloaded by the job)."""
+        if run in self.supervised_runs:
+            path = self.supervised_runs[run].path
+            return [str(path)] if path is not None else []
+        return [f"results/pretrain/{run}/checkpoint_final.pt"]
+
+    def convert_source_args(self, run: str) -> str:
+        """Shell words naming ``convert``'s source: ``--checkpoint CKPT``, or ``--supervised SOURCE
+        --arch ARCH`` for a supervised run."""
+        if run in self.supervised_runs:
+            source = self.supervised_runs[run]
+            return shlex.join(["--supervised", str(source), "--arch", source.arch])
+        return shlex.join(["--checkpoint", *self.convert_inputs(run)])
 
     def method_of(self, run: str) -> str:
-        return run if run in self.baselines else self.runs[run].method
+        if run in self.baselines:
+            return run
+        return SUPERVISED if run in self.supervised_runs else self.runs[run].method
 
     def metrics_files(self) -> list[str]:
         return [f"{job.directory}/metrics.json" for job in self.jobs]

@@ -9,6 +9,11 @@ The conversion is strict: the source backbone must hold exactly the tensors of t
 ResNet of its ``arch`` (shapes included), every tensor must match a rule, and the torchvision
 keys must exist with the same shape in torchvision's detection backbone. Any violation raises
 ``ConversionError`` listing the keys concerned, before anything is written.
+
+The ``supervised`` baseline (``regioncl.baselines``) enters here: an ImageNet-supervised
+torchvision ResNet (``SupervisedSource``: torchvision's weights, downloaded, or a local state
+dict) is converted by the same rules, its classifier (``fc``) dropped, into the same two files a
+pretrained run's checkpoint gives, so both backends finetune from it as from a pretrained run.
 """
 
 from __future__ import annotations
@@ -23,7 +28,15 @@ import torch
 import torchvision
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-from regioncl.weights import read_pretrained_checkpoint, write_detectron2_weights, write_torchvision_weights
+from regioncl.archs import ARCHS
+from regioncl.baselines import SUPERVISED
+from regioncl.weights import (
+    check_finite,
+    read_classification_state_dict,
+    read_pretrained_checkpoint,
+    write_detectron2_weights,
+    write_torchvision_weights,
+)
 
 BN_PARAMS = "weight|bias|running_mean|running_var"
 T = TypeVar("T")
@@ -267,15 +280,94 @@ def convert_checkpoint(
     wrong shape, or has no rule in ``KEY_MAPS``.
     """
     ckpt = read_pretrained_checkpoint(checkpoint)
-    arch = ckpt["arch"]
     modules = {"backbone": ckpt["backbone"], **ckpt["transfer"]}
+    return write_converted(modules, ckpt["method"], ckpt["arch"], str(checkpoint), torchvision_out, detectron2_out)
 
+
+TORCHVISION_SOURCE = "torchvision"
+# `torchvision` alone: the original ImageNet recipe (90 epochs, 76.1 % top-1 for R50), the weights
+# torchvision's own detection models start from and the nearest to the papers' Supervised rows.
+DEFAULT_IMAGENET_WEIGHTS = "IMAGENET1K_V1"
+
+
+@dataclass(frozen=True)
+class SupervisedSource:
+    """Where the ``supervised`` baseline's ResNet ``arch`` comes from: torchvision's ImageNet
+    weights ``torchvision`` (a ``<Arch>_Weights`` member name, e.g. "IMAGENET1K_V1"; downloaded to
+    torch's hub cache when converted, hash-checked) or a local state dict ``path``."""
+
+    arch: str
+    torchvision: str | None = None
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, value: str, arch: str) -> SupervisedSource:
+        """``torchvision``, ``torchvision:<weights>`` (e.g. ``torchvision:IMAGENET1K_V2``) or the
+        path of a torchvision classification state dict. Raises ValueError saying what is wrong
+        (an unknown arch or weights name, a file that does not exist)."""
+        if arch not in ARCHS:
+            raise ValueError(f"arch {arch!r} is not one of {', '.join(ARCHS)}")
+        name, colon, weights = str(value).partition(":")
+        if name == TORCHVISION_SOURCE:
+            available = torchvision.models.get_model_weights(arch).__members__
+            chosen = weights if colon else DEFAULT_IMAGENET_WEIGHTS
+            if chosen not in available:
+                raise ValueError(f"{value!r}: torchvision has no {arch} weights {chosen!r}; it has {sorted(available)}")
+            return cls(arch=arch, torchvision=available[chosen].name)  # DEFAULT -> the member it aliases
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError(
+                f"{value!r}: no such file; expected `torchvision`, `torchvision:<weights name>` or the path "
+                "of a torchvision classification state dict (.pth)"
+            )
+        return cls(arch=arch, path=path)
+
+    def __str__(self) -> str:
+        """The value ``parse`` reads back: ``torchvision:IMAGENET1K_V1`` or the path."""
+        return f"{TORCHVISION_SOURCE}:{self.torchvision}" if self.torchvision else str(self.path)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The classification model's state dict (its ``fc`` included), on the CPU."""
+        if self.path is not None:
+            return read_classification_state_dict(self.path)
+        weights = torchvision.models.get_model_weights(self.arch)[self.torchvision]
+        return weights.get_state_dict(progress=False, check_hash=True, map_location="cpu", weights_only=True)
+
+
+def convert_supervised(source: SupervisedSource, torchvision_out: Path, detectron2_out: Path) -> ConversionReport:
+    """Write the torchvision ``.pth`` and detectron2 ``.pkl`` weights of an ImageNet-supervised
+    ResNet, method ``supervised``: what ``convert_checkpoint`` writes for a pretrained run whose
+    backbone is that ResNet without its classifier (reported as dropped).
+
+    Raises ``ConversionError`` as ``convert_checkpoint`` does, FloatingPointError for a NaN or inf.
+    """
+    state = source.state_dict()
+    classifier = sorted(k for k in state if k.startswith("fc."))
+    backbone = {k: v for k, v in state.items() if k not in classifier}
+    check_finite(backbone, str(source))
+    return write_converted(
+        {"backbone": backbone}, SUPERVISED, source.arch, str(source), torchvision_out, detectron2_out,
+        dropped=tuple(classifier),
+    )
+
+
+def write_converted(
+    modules: Mapping[str, Mapping[str, torch.Tensor]],
+    method: str,
+    arch: str,
+    where: str,
+    torchvision_out: Path,
+    detectron2_out: Path,
+    dropped: tuple[str, ...] = (),
+) -> ConversionReport:
+    """Convert ``modules`` (``backbone`` and the transferred ones) of a torchvision ResNet ``arch``
+    and write both files; ``where`` (the source) heads the error, ``dropped`` joins the report."""
     problems = shape_problems(
-        without_bn_counters(ckpt["backbone"]),
+        without_bn_counters(modules["backbone"]),
         without_bn_counters(reference_backbone_shapes(arch)),
         f"backbone vs torchvision {arch}",
     )
-    tv_state, dropped, tv_problems = convert_modules(modules, "torchvision")
+    tv_state, mapped_dropped, tv_problems = convert_modules(modules, "torchvision")
     d2_state, _, d2_problems = convert_modules(modules, "detectron2")
     problems += tv_problems + d2_problems
     tv_backbone = {k: v for k, v in tv_state.items() if k.startswith("backbone.body.")}
@@ -283,22 +375,22 @@ def convert_checkpoint(
         tv_backbone, detection_backbone_shapes(arch), f"torchvision detection {arch}"
     )
     if problems:
-        raise ConversionError(f"{checkpoint}: cannot convert:\n  " + "\n  ".join(problems))
+        raise ConversionError(f"{where}: cannot convert:\n  " + "\n  ".join(problems))
 
-    write_torchvision_weights(torchvision_out, arch=arch, method=ckpt["method"], state_dict=tv_state)
+    write_torchvision_weights(torchvision_out, arch=arch, method=method, state_dict=tv_state)
     d2_weights = {
         "model": d2_state,
         "__author__": "regioncl",
         "matching_heuristics": True,
         # detectron2's checkpointer returns unknown keys untouched; the backend records them
-        "method": ckpt["method"],
+        "method": method,
         "arch": arch,
     }
     write_detectron2_weights(detectron2_out, d2_weights)
     return ConversionReport(
         arch=arch,
-        method=ckpt["method"],
+        method=method,
         torchvision_keys=len(tv_state),
         detectron2_keys=len(d2_state),
-        dropped=tuple(dropped),
+        dropped=dropped + tuple(mapped_dropped),
     )

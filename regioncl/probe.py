@@ -14,8 +14,9 @@ all. The weights are never trained. The result is deterministic on a machine and
 (full-batch L-BFGS in float64 from zeros), so the probe gives one number per checkpoint without
 seeds, in under a minute on one CPU thread where a 3-seed finetune takes ten.
 
-The record it writes is a metrics record (``regioncl.tables.metrics``): ``metrics.probe.accuracy``
-beside the run, method and benchmark it labels, so tables show it as one more column.
+The record it writes is a metrics record (``regioncl.transfer.records``, read by
+``regioncl.tables.metrics``): ``metrics.probe.accuracy`` beside the run, method and benchmark
+it labels, so tables show it as one more column.
 """
 
 from __future__ import annotations
@@ -26,16 +27,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torchvision
 from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import roi_align
 
 from regioncl.augment import IMAGENET_MEAN, IMAGENET_STD
 from regioncl.archs import ARCHS
-from regioncl.io import write_json_atomic
 from regioncl.models.backbone import ResNetBackbone
 from regioncl.settings import Settings
 from regioncl.transfer.coco_data import CocoDetection
+from regioncl.transfer.loading import check_loadable, load_problems, shapes_of
+from regioncl.transfer.records import write_record
 from regioncl.weights import read_torchvision_weights
 
 STAGE_STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}  # px of the input per feature cell
@@ -91,16 +94,9 @@ def load_backbone(weights: Path | None, arch: str, seed: int) -> tuple[ResNetBac
         for key, tensor in payload["state_dict"].items()
         if key.startswith(TORCHVISION_PREFIX)
     }
-    expected = {k: v.shape for k, v in backbone.state_dict().items() if not k.endswith("num_batches_tracked")}
-    problems = [f"missing {k}" for k in sorted(set(expected) - set(provided))]
-    problems += [f"unexpected {k}" for k in sorted(set(provided) - set(backbone.state_dict()))]
-    problems += [
-        f"{k}: shape {tuple(provided[k].shape)}, expected {tuple(shape)}"
-        for k, shape in expected.items()
-        if k in provided and provided[k].shape != shape
-    ]
-    if problems:
-        raise ValueError(f"{weights}: cannot load into a {arch} backbone:\n  " + "\n  ".join(problems))
+    expected = shapes_of(backbone.state_dict())
+    required = [k for k in expected if not k.endswith("num_batches_tracked")]
+    check_loadable(weights, load_problems(shapes_of(provided), expected, required), into=f"a {arch} backbone")
     backbone.load_state_dict(provided, strict=False)
     return backbone, str(payload.get("method", "unknown"))
 
@@ -215,20 +211,20 @@ def run_probe(
     start = time.perf_counter()
     backbone, method = load_backbone(weights, arch, settings.seed)
     result = probe_accuracy(backbone, embedded_splits(data), settings)
-    record = {
-        "benchmark": benchmark,
-        "run": run or (Path(weights).name.split(".")[0] if weights else "random"),
-        "method": method,
-        "seed": 0,
-        "weights": str(weights or "none"),
-        "arch": arch,
-        "data": str(data),
-        "metrics": {"probe": {"accuracy": result["accuracy"]}},
-        "probe": {**{k: v for k, v in result.items() if k != "accuracy"}, "settings": settings.to_dict()},
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    write_json_atomic(out, record)
-    return record
+    return write_record(
+        out,
+        benchmark=benchmark,
+        run=run or (Path(weights).name.split(".")[0] if weights else "random"),
+        method=method,
+        seed=0,
+        weights=str(weights or "none"),
+        arch=arch,
+        data=str(data),
+        metrics={"probe": {"accuracy": result["accuracy"]}},
+        probe={**{k: v for k, v in result.items() if k != "accuracy"}, "settings": settings.to_dict()},
+        seconds=round(time.perf_counter() - start, 1),
+        versions={"torchvision": torchvision.__version__},  # its roi_align pools the features
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@
 - torchvision weights (``{run}.tv.pth``, ``TORCHVISION_FORMAT``): a detection state dict;
 - detectron2 weights (``{run}.d2.pkl``): detectron2's model-zoo pickle ``{"model": {name: numpy
   array}, "__author__": str, "matching_heuristics": bool, "method": str, "arch": str}``.
+- a torchvision classification state dict (``*.pth``, ``{name: tensor}``, e.g. an
+  ImageNet-supervised ResNet's): what ``convert`` reads for the ``supervised`` baseline.
 
 Torch files hold only tensors and plain values and are read with ``weights_only=True``.
 Unpickling can call anything a file names, and weights files are passed around, so the
@@ -188,6 +190,30 @@ def read_detectron2_weights(path: Path) -> dict[str, Any]:
     if not isinstance(weights, dict) or not isinstance(weights.get("model"), dict):
         raise WeightsFormatError(f"{path}: expected detectron2 weights, a dict with a 'model' dict of arrays")
     return weights
+
+
+# -- torchvision classification state dicts (.pth) --------------------------------------------
+
+
+def read_classification_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The ``{name: tensor}`` state dict of a torchvision classification model saved with
+    ``torch.save(model.state_dict(), path)``; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file (a torchvision classification state dict .pth)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # e.g. a training checkpoint holding its argparse args
+        raise WeightsFormatError(f"{path}: not a plain state dict of tensors ({error})") from error
+    if not isinstance(payload, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()
+    ):
+        found = list(payload)[:5] if isinstance(payload, Mapping) else type(payload).__name__
+        raise WeightsFormatError(
+            f"{path}: expected a state dict {{name: tensor}} as torch.save(model.state_dict()) writes; "
+            f"found {found} (a training checkpoint: save its model's state dict alone)"
+        )
+    return dict(payload)
 
 
 # -- resumable checkpoints --------------------------------------------------------------------

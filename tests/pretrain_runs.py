@@ -1,5 +1,6 @@
 """Tiny pretraining runs shared by the engine's and every method's tests: shards, 2-rank spawns,
-and readers of what a run leaves in its workdir (metrics.jsonl, resume checkpoints)."""
+readers of what a run leaves in its workdir (metrics.jsonl, resume checkpoints), and a short
+finetune from a run's converted weights."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import json
 import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,21 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from regioncl.convert import convert_checkpoint
 from regioncl.engine import PretrainSettings, pretrain
+from regioncl.transfer.torchvision_backend import build_detector, finetune
+
+
+def write_image_shard(path: Path, images: Sequence[Image.Image], *, first_index: int = 0, boxes: Sequence = ()) -> Path:
+    """``images`` as JPEGs in one WebDataset tar, keyed img000, img001, ... from ``first_index``,
+    each with the proposal ``boxes`` (x1y1x2y2 in image pixels)."""
+    with wds.TarWriter(str(path)) as writer:
+        for index, image in enumerate(images, start=first_index):
+            jpeg = io.BytesIO()
+            image.save(jpeg, format="JPEG")
+            meta = {"width": image.width, "height": image.height, "boxes": [list(box) for box in boxes]}
+            writer.write({"__key__": f"img{index:03d}", "jpg": jpeg.getvalue(), "json": json.dumps(meta).encode()})
+    return path
 
 
 def write_shards(directory: Path, num_images: int = 12, per_shard: int = 7) -> list[Path]:
@@ -22,16 +38,12 @@ def write_shards(directory: Path, num_images: int = 12, per_shard: int = 7) -> l
     rng = np.random.default_rng(0)
     paths = []
     for first in range(0, num_images, per_shard):
+        images = []
+        for _ in range(first, min(first + per_shard, num_images)):
+            width, height = int(rng.integers(40, 64)), int(rng.integers(40, 64))
+            images.append(Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)))
         path = directory / f"shard{len(paths)}.tar"
-        with wds.TarWriter(str(path)) as writer:
-            for index in range(first, min(first + per_shard, num_images)):
-                width, height = int(rng.integers(40, 64)), int(rng.integers(40, 64))
-                pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-                jpeg = io.BytesIO()
-                Image.fromarray(pixels).save(jpeg, format="JPEG")
-                meta = {"width": width, "height": height, "boxes": [[1.0, 2.0, 20.0, 30.0]]}
-                writer.write({"__key__": f"img{index:03d}", "jpg": jpeg.getvalue(), "json": json.dumps(meta).encode()})
-        paths.append(path)
+        paths.append(write_image_shard(path, images, first_index=first, boxes=[(1.0, 2.0, 20.0, 30.0)]))
     return paths
 
 
@@ -79,3 +91,43 @@ def stopped_and_resumed_run_equals_straight_run(
     assert [key for key in expected if not torch.equal(actual[key], expected[key])] == []
     assert metric_values(resumed) == metric_values(straight)
     return straight, expected
+
+
+FINETUNE_SOLVER = {"lr": 0.01, "iterations": 2, "batch_size": 2, "warmup_iters": 1, "lr_steps": [1], "checkpoint_every": 2}
+
+
+def converted_weights_finetune(
+    final_checkpoint: Path,
+    tmp_path: Path,
+    method: str,
+    tensors: Sequence[str] = ("backbone.body.layer1.0.conv1.weight",),
+    **benchmark,
+) -> dict[str, torch.Tensor]:
+    """Convert ``final_checkpoint`` (a run's pretrained checkpoint) and finetune a tiny torchvision
+    detector from it for 2 iterations on a drawn 4-image COCO split (``test_finetune.tiny_benchmark``
+    with the ``benchmark`` overrides), all under ``tmp_path``. Assert the detector records
+    ``method``, and that each of ``tensors`` (detector keys) was loaded from the converted weights
+    (present there with the detector's shape; the finetuned tensor nearer the pretrained one than
+    the detector's initial one) and then trained (it moved).
+
+    Returns the finetuned detector's state dict, for a method's own checks.
+    """
+    from test_finetune import draw_split, tiny_benchmark  # tests/test_finetune.py
+
+    convert_checkpoint(final_checkpoint, tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
+    coco = tmp_path / "coco"
+    draw_split(coco, "train", [(96, 80), (64, 96), (80, 80), (96, 96)], np.random.default_rng(0))
+    draw_split(coco, "val", [(96, 80)], np.random.default_rng(1))
+    settings, seed = tiny_benchmark(coco, **{"solver": FINETUNE_SOLVER, **benchmark}), 0
+    finetune(settings, tmp_path / "w.tv.pth", seed=seed, out=tmp_path / "model.pt", workdir=tmp_path / "ft")
+    detector = torch.load(tmp_path / "model.pt", weights_only=True)
+    pretrained = torch.load(tmp_path / "w.tv.pth", weights_only=True)["state_dict"]
+    torch.manual_seed(seed)  # as finetune does: the detector as it was built, before loading
+    initial = build_detector(settings, num_classes=2).state_dict()  # draw_split's 2 categories
+    assert detector["method"] == method
+    for name in tensors:
+        finetuned = detector["state_dict"][name]
+        assert name in pretrained and finetuned.shape == pretrained[name].shape, name
+        loaded = (finetuned - pretrained[name]).norm() < (finetuned - initial[name]).norm()
+        assert loaded and not torch.equal(finetuned, pretrained[name]), name  # loaded, then trained
+    return detector["state_dict"]

@@ -30,7 +30,9 @@ from regioncl.transfer import detectron2_backend
 from regioncl.transfer.benchmarks import BenchmarkSettings
 from regioncl.transfer.detectron2_config import dataset_names, detectron2_options
 from regioncl.transfer.identity import finetune_identity
+from regioncl.transfer.loading import DETECTRON2_BACKBONE_KEY, detectron2_load_check, shapes_of
 from regioncl.transfer.registry import resolve_benchmark
+from regioncl.weights import read_detectron2_weights, write_detectron2_weights
 
 FIXTURE_COCO = Path(__file__).parent / "fixtures" / "datasets" / "coco"
 # Smallest settings that still run every part of a detector on the CPU: few RoIs (the C4 head
@@ -165,6 +167,31 @@ def test_converted_pkl_fills_every_backbone_weight(weights, name, overrides):
     assert len(resnet) == 265  # R50: 53 convs + 53 norms x 4 tensors; C4 holds res5 in its head
     assert sorted(set(keys.missing_keys) & resnet) == []
     assert keys.incorrect_shapes == [] and keys.unexpected_keys == []
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [("c4", {"fpn": False, "model": "mask_rcnn", "res5_extra_norm": True}), ("fpn", {"model": "mask_rcnn"}),
+     ("retina", {"model": "retinanet"})],
+)
+def test_the_load_check_requires_the_resnet_detectron2_fills(weights, name, overrides):
+    """``loading.detectron2_load_check`` sees the real detectors as detectron2 loads them: the
+    ResNet it requires is the one the converted weights fill, the heads missing on purpose."""
+    model = build_model(detectron2_backend.build_cfg(benchmark(name, **overrides), num_classes=1))
+    problems, left_out = detectron2_load_check(shapes_of(model.state_dict()), shapes_of(read_detectron2_weights(weights)["model"]))
+    assert (problems, left_out) == ([], [])
+    required = {k for k in model.state_dict() if DETECTRON2_BACKBONE_KEY.fullmatch(k) and not k.endswith("num_batches_tracked")}
+    assert required == resnet_keys(model)
+
+
+def test_finetune_refuses_weights_without_a_backbone_tensor_naming_it(tmp_path, weights):
+    converted = read_detectron2_weights(weights)
+    del converted["model"]["res4.0.conv1.weight"]
+    write_detectron2_weights(tmp_path / "w.d2.pkl", converted)
+    bench = benchmark("fpn", model="faster_rcnn")
+    with pytest.raises(ValueError, match=r"w\.d2\.pkl: cannot load into the detector:\n  missing backbone key backbone\.bottom_up\.res4\.0\.conv1\.weight"):
+        detectron2_backend.finetune(bench, tmp_path / "w.d2.pkl", 0, tmp_path / "m.pt", tmp_path / "work", num_workers=0)
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_soco_fpn_and_box_head_fill_the_detector(tmp_path):

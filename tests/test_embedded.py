@@ -226,14 +226,18 @@ def test_from_dict_rejects_another_generator_version() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("max_objects", 1, "max_objects=1"),  # below min_objects=2
-        ("seed", -1, "seed=-1"),
-        ("min_object_size", 200, "min_object_size=200"),
+        ("max_objects", 1, r"embedded\.max_objects: expected a value >= min_objects \(2\), got 1"),
+        ("seed", -1, r"embedded\.seed: expected a value >= 0, got -1"),
+        ("n_train", 10**6, r"embedded\.n_train: expected a value >= 0 and <= 999999, got 1000000"),
+        ("jpeg_quality", 0, r"embedded\.jpeg_quality: expected a value >= 1 and <= 100, got 0"),
+        ("min_object_size", 200, r"embedded\.min_object_size: 200 px exceeds the largest object size"),
     ],
 )
-def test_invalid_settings_name_the_field(field: str, value: object, message: str) -> None:
-    with pytest.raises((ValueError, TypeError), match=message):
+def test_invalid_settings_name_the_field_built_directly_or_parsed(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         EmbeddedSettings(**{field: value})
+    with pytest.raises(ValueError, match=message):
+        EmbeddedSettings.from_dict({field: value})
 
 
 def test_a_value_of_the_wrong_type_is_refused_naming_the_key() -> None:

@@ -103,7 +103,7 @@ def test_weights_of_another_arch_or_missing_tensors_are_named(dataset: Path, tmp
     payload = torch.load(weights, weights_only=True)
     del payload["state_dict"]["backbone.body.layer3.0.conv1.weight"]
     torch.save(payload, weights)
-    with pytest.raises(ValueError, match=r"(?s)run\.tv\.pth.*missing layer3\.0\.conv1\.weight"):
+    with pytest.raises(ValueError, match=r"(?s)run\.tv\.pth.*resnet18 backbone.*missing backbone key layer3\.0\.conv1\.weight"):
         run_probe(weights, "resnet18", dataset, tmp_path / "p.json", SETTINGS)
 
 

@@ -51,7 +51,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from regioncl.io import write_bytes_atomic, write_json_atomic
-from regioncl.settings import Settings
+from regioncl.settings import Settings, bounded, check_ranges
 
 PHOTO_DIR = Path(skimage.__file__).parent / "data"
 
@@ -74,6 +74,7 @@ BACKGROUND_PHOTOS = (
 )
 
 KEY_DIGITS = 6  # keys sort in index order up to 10**6 - 1 images per split
+MAX_IMAGES_PER_SPLIT = 10**KEY_DIGITS - 1
 SUBPIXEL_BITS = 4  # cv2.fillPoly fixed-point precision: 1/16 px
 ATTEMPTS_PER_OBJECT = 20  # rejected candidates are redrawn; a scene gives up after this many
 OBJECT_SATURATION = (0.15, 0.8)  # an object's saturation is uniform in this range, any class
@@ -83,61 +84,54 @@ Box = tuple[int, int, int, int]  # (y0, y1, x0, x1) pixel window of an image, en
 
 @dataclass(frozen=True)
 class EmbeddedSettings(Settings):
-    """Parameters of the generator; ``version`` changes whenever its output for them changes."""
+    """Parameters of the generator; ``version`` changes whenever its output for them changes.
 
+    Ranges are declared on the fields (``bounded``); ``__post_init__`` checks them for settings
+    built directly too, and the constraints between fields, which a range cannot state."""
+
+    section: ClassVar[str] = "embedded"
     version: ClassVar[int] = 2
 
-    seed: int = 0
-    n_unlabeled: int = 500
-    n_train: int = 200
-    n_val: int = 100
-    image_size: int = 256  # longer side, px
-    min_short_side_fraction: float = 0.625  # shorter side drawn from [fraction, 1] x image_size
-    min_objects: int = 2
-    max_objects: int = 6
-    min_object_size: int = 16  # smallest object diameter, px
-    max_object_fraction: float = 0.6  # largest object diameter / the image's shorter side
-    min_visible_fraction: float = 0.35  # of an object's full area, after occlusion and border
-    min_visible_pixels: int = 24
-    jpeg_quality: int = 90
+    seed: int = bounded(0, ge=0)
+    n_unlabeled: int = bounded(500, ge=0, le=MAX_IMAGES_PER_SPLIT)
+    n_train: int = bounded(200, ge=0, le=MAX_IMAGES_PER_SPLIT)
+    n_val: int = bounded(100, ge=0, le=MAX_IMAGES_PER_SPLIT)
+    image_size: int = bounded(256, ge=32)  # longer side, px
+    # the shorter side is drawn from [fraction, 1] x image_size
+    min_short_side_fraction: float = bounded(0.625, ge=0.25, le=1.0)
+    min_objects: int = bounded(2, ge=1)
+    max_objects: int = bounded(6, ge=1)  # and >= min_objects
+    min_object_size: int = bounded(16, ge=4)  # smallest object diameter, px; <= the largest (below)
+    max_object_fraction: float = bounded(0.6, ge=0.05, le=1.0)  # largest diameter / the shorter side
+    # of an object's full area, after occlusion and the border
+    min_visible_fraction: float = bounded(0.35, ge=0.0, le=1.0)
+    min_visible_pixels: int = bounded(24, ge=1)
+    jpeg_quality: int = bounded(90, ge=1, le=100)
 
     def __post_init__(self) -> None:
-        max_count = 10**KEY_DIGITS - 1
-        self._check_range("seed", 0, None)
-        for name in ("n_unlabeled", "n_train", "n_val"):
-            self._check_range(name, 0, max_count)
-        self._check_range("image_size", 32, None)
-        self._check_range("min_short_side_fraction", 0.25, 1.0)
-        self._check_range("min_objects", 1, None)
-        self._check_range("max_objects", self.min_objects, None)
-        self._check_range("min_object_size", 4, None)
-        self._check_range("max_object_fraction", 0.05, 1.0)
-        self._check_range("min_visible_fraction", 0.0, 1.0)
-        self._check_range("min_visible_pixels", 1, None)
-        self._check_range("jpeg_quality", 1, 100)
+        check_ranges(type(self), vars(self), self.section)
+        if self.max_objects < self.min_objects:
+            raise ValueError(
+                f"{self.section}.max_objects: expected a value >= min_objects ({self.min_objects}), "
+                f"got {self.max_objects!r}"
+            )
         largest = self.max_object_fraction * self.shortest_side
         if self.min_object_size > largest:
             raise ValueError(
-                f"embedded settings: min_object_size={self.min_object_size} px exceeds the largest "
+                f"{self.section}.min_object_size: {self.min_object_size} px exceeds the largest "
                 f"object size max_object_fraction x shortest side = {largest:.1f} px"
             )
-
-    def _check_range(self, name: str, low: float, high: float | None) -> None:
-        value = getattr(self, name)
-        if value < low or (high is not None and value > high):
-            expected = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise ValueError(f"embedded settings: {name}={value!r}, expected {expected}")
 
     @property
     def shortest_side(self) -> int:
         return round(self.min_short_side_fraction * self.image_size)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "embedded") -> EmbeddedSettings:
+    def from_dict(cls, d: Mapping[str, Any], where: str | None = None) -> EmbeddedSettings:
         """Settings from a config section or a ``dataset.json`` (whose ``version`` must match)."""
         if "version" in d and d["version"] != cls.version:
             raise ValueError(
-                f"{where}: version {d['version']!r} was written by another generator "
+                f"{where or cls.section}: version {d['version']!r} was written by another generator "
                 f"version; this generator is version {cls.version} (regenerate the dataset)"
             )
         return super().from_dict({key: value for key, value in d.items() if key != "version"}, where)

@@ -5,12 +5,19 @@ sample gets the same views in any worker, in any process, before and after a res
 in the middle of an epoch re-creates the epoch's stream with the consumed samples skipped by
 the shard reader itself (``ShardStream.set_epoch(epoch, skip=n)``): they are never read,
 decoded or augmented, and the next sample is the one an uninterrupted run would take next.
+
+Workers emit views as uint8 (``regioncl.augment.view_output``: "worker" or "device"), a quarter
+of float32's bytes through the worker queues and pinned memory; the training process finishes
+them on its device (``regioncl.augment.finish_views``). Each worker keeps up to a whole step of
+samples in flight (``make_loader``'s ``prefetch_factor``), so the workers fill the next step
+while the device runs this one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from regioncl.augment import ViewOutput, view_output
 from regioncl.data.shards import ShardStream
 
 MakeViews = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
@@ -29,12 +37,14 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
 
 
 class ViewStream(IterableDataset):
-    """One item per sample of ``samples``: the method's views."""
+    """One item per sample of ``samples``: the method's views, as ``output`` asks
+    (``regioncl.augment.view_output``; the engine's are "worker" and "device")."""
 
-    def __init__(self, samples: ShardStream, make_views: MakeViews, seed: int) -> None:
+    def __init__(self, samples: ShardStream, make_views: MakeViews, seed: int, output: ViewOutput = "normalized") -> None:
         self.samples = samples
         self.make_views = make_views
         self.seed = seed
+        self.output = output
         self.epoch = 0
 
     def start_epoch(self, epoch: int, skip_samples: int) -> None:
@@ -47,7 +57,9 @@ class ViewStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for sample in self.samples:
-            yield self.make_views(sample, sample_rng(self.seed, self.epoch, sample["key"]))
+            with view_output(self.output):
+                views = self.make_views(sample, sample_rng(self.seed, self.epoch, sample["key"]))
+            yield views
 
 
 def _keep_item(item: Any) -> Any:
@@ -60,13 +72,18 @@ def _one_thread_per_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(views: ViewStream, num_workers: int, seed: int) -> DataLoader:
-    """Items one by one (batched in the main process, so per-worker leftovers never make short batches)."""
+def make_loader(views: ViewStream, num_workers: int, seed: int, *, step_items: int = 1) -> DataLoader:
+    """Items one by one (batched in the main process, so per-worker leftovers never make short batches).
+
+    ``step_items``: samples one optimizer step takes on this rank; each worker prefetches its
+    share of a step (at least torch's default 2), so a step's samples are ready when it starts.
+    """
     return DataLoader(
         views,
         batch_size=None,
         collate_fn=_keep_item,
         num_workers=num_workers,
+        prefetch_factor=max(2, math.ceil(step_items / num_workers)) if num_workers else None,
         worker_init_fn=_one_thread_per_worker,
         # Worker base seeds come from this generator, not from the global torch RNG that resume restores.
         generator=torch.Generator().manual_seed(seed),

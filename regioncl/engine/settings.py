@@ -47,6 +47,10 @@ class PretrainSettings(Settings):
     accumulate_steps: int = 1
     amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype; fp16 adds a GradScaler
     channels_last: bool = False  # NHWC convolutions (faster on GPUs with tensor cores)
+    # Where colour jitter, grayscale, blur and solarize are rendered: "worker" (PIL, in the
+    # DataLoader workers) or "device" (batched on the training device; recommended on GPUs).
+    # The draws and the geometry are the same in both (regioncl.augment).
+    photometric: Literal["worker", "device"] = "worker"
 
     def __post_init__(self) -> None:
         params_type = get_method(self.method).Params

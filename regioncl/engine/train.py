@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from regioncl.augment import finish_views
 from regioncl.curves import MetricsLog
 from regioncl.data.shards import ShardStream
 from regioncl.engine import dist
@@ -141,8 +142,8 @@ def _train(
         model = DistributedDataParallel(
             method, forward_sync_buffers=False, find_unused_parameters=method.find_unused_parameters
         )
-    views = ViewStream(samples, method.make_views, settings.seed)
-    loader = make_loader(views, settings.num_workers, settings.seed)
+    views = ViewStream(samples, method.make_views, settings.seed, output=settings.photometric)
+    loader = make_loader(views, settings.num_workers, settings.seed, step_items=per_rank_batch)
     last_step = total_steps if stop is None else min(stop, total_steps)
     progress = Progress(total_steps, initial=step, desc=f"pretrain {settings.method}", every=settings.log_every)
     tick = time.perf_counter()
@@ -276,13 +277,32 @@ def _resume(
 
 
 def _to_device(batch: Any, device: torch.device, memory_format: torch.memory_format) -> Any:
-    """Tensors of ``batch`` to ``device``; (B, C, H, W) images in ``memory_format``."""
-    if isinstance(batch, torch.Tensor):
-        if batch.dim() == 4 and batch.is_floating_point():
-            return batch.to(device, memory_format=memory_format, non_blocking=True)
-        return batch.to(device, non_blocking=True)
+    """``batch`` on ``device``, its uint8 views finished there (``augment.finish_views``: device-mode
+    photometric, float, normalised); (B, C, H, W) float images in ``memory_format``.
+
+    On CUDA the host tensors are pinned first, so every copy is asynchronous: no host sync.
+    """
+    moved = _move(batch, device)
     if isinstance(batch, dict):
-        return {key: _to_device(value, device, memory_format) for key, value in batch.items()}
+        moved = finish_views(moved, host=batch)
+    return _in_memory_format(moved, memory_format)
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return (batch.pin_memory() if device.type == "cuda" else batch).to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: _move(value, device) for key, value in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(value, device, memory_format) for value in batch)
+        return type(batch)(_move(value, device) for value in batch)
+    return batch
+
+
+def _in_memory_format(batch: Any, memory_format: torch.memory_format) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.contiguous(memory_format=memory_format) if batch.dim() == 4 and batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {key: _in_memory_format(value, memory_format) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_in_memory_format(value, memory_format) for value in batch)
     return batch

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from regioncl.augment import BYOL_RECIPES, apply_photometric, to_normalized_tensor
-from regioncl.geometry import random_resized_crop, render_view
+from regioncl.augment import BYOL_RECIPES, augmented_view
+from regioncl.geometry import random_resized_crop
 from regioncl.losses import byol_loss
 from regioncl.methods.base import PretrainMethod, StepInfo, register_method
 from regioncl.models import MLPHead, ResNetBackbone, cosine_momentum, make_target
@@ -53,7 +53,7 @@ class Byol(PretrainMethod):
         views = {}
         for name, recipe in zip(("view1", "view2"), BYOL_RECIPES):
             view = random_resized_crop(width, height, self.params.crop_size, rng, scale=self.params.crop_scale)
-            views[name] = to_normalized_tensor(apply_photometric(render_view(sample["image"], view), recipe, rng))
+            views |= augmented_view(name, sample["image"], view, recipe, rng)
         return views
 
     def momentum_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:

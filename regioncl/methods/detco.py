@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from regioncl.augment import MOCO_V2_RECIPE, apply_photometric, to_normalized_tensor
-from regioncl.geometry import View, grid_cells, random_resized_crop, render_view
+from regioncl.augment import MOCO_V2_RECIPE, augmented_view, cut_patches
+from regioncl.geometry import View, grid_cells, random_resized_crop
 from regioncl.methods.base import PretrainMethod, StepInfo, register_method
 from regioncl.models import ResNetBackbone, make_target, shuffle_bn_encode
 from regioncl.models.multilevel import STAGES, Contrast, Levels, MultiLevelContrast
@@ -123,11 +123,16 @@ class DetCo(PretrainMethod):
         return cells, low, high
 
     def _local_set(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        """One jigsaw set: (G*G, 3, patch_size, patch_size), the local view's photometric recipe applied before gridding."""
+        """One jigsaw set as ``make_views`` gives it outside the engine's loader: (G*G, 3, patch_size, patch_size)."""
+        return self._local_views("local", image, rng)["local"]
+
+    def _local_views(self, name: str, image: Image.Image, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """One jigsaw set: {name: (G*G, 3, patch_size, patch_size)}, the local view's photometric recipe
+        applied before gridding (in the engine's "device" mode: the whole view, cut on the device)."""
         view, _, patches = self.jigsaw_geometry(*image.size, rng)
-        local = apply_photometric(render_view(image, view), MOCO_V2_RECIPE, rng)
+        local = augmented_view(name, image, view, MOCO_V2_RECIPE, rng)
         order = rng.permutation(len(patches)) if self.params.patch_order == "shuffled" else np.arange(len(patches))
-        return torch.stack([to_normalized_tensor(local.crop(tuple(int(v) for v in patches[j]))) for j in order])
+        return cut_patches(local, name, patches[order])
 
     def make_views(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """"global_q", "global_k": (3, S, S) crops; with CGLC "local_q", "local_k": (G*G, 3, P, P) patch sets."""
@@ -136,9 +141,10 @@ class DetCo(PretrainMethod):
         views = {}
         for name in ("global_q", "global_k"):
             view = random_resized_crop(width, height, self.params.global_size, rng, scale=self.params.global_scale)
-            views[name] = to_normalized_tensor(apply_photometric(render_view(image, view), MOCO_V2_RECIPE, rng))
+            views |= augmented_view(name, image, view, MOCO_V2_RECIPE, rng)
         if self.params.cglc:
-            views["local_q"], views["local_k"] = self._local_set(image, rng), self._local_set(image, rng)
+            views |= self._local_views("local_q", image, rng)
+            views |= self._local_views("local_k", image, rng)
         return views
 
     def momentum_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:

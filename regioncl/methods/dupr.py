@@ -41,8 +41,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from regioncl.augment import MOCO_V2_RECIPE, apply_photometric, to_normalized_tensor
-from regioncl.geometry import View, crop_intersection, map_boxes, random_resized_crop, render_view
+from regioncl.augment import MOCO_V2_RECIPE, augmented_view
+from regioncl.geometry import View, crop_intersection, map_boxes, random_resized_crop
 from regioncl.losses import info_nce
 from regioncl.methods.base import PretrainMethod, StepInfo, register_method
 from regioncl.models import FeatureQueue, ResNetBackbone, make_target, shuffle_bn_encode
@@ -140,7 +140,7 @@ class Dupr(PretrainMethod):
         source = View.identity(width, height)
         views: dict[str, torch.Tensor] = {"valid": torch.tensor(overlap is not None)}
         for name, view in (("query", query), ("key", key)):
-            views[name] = to_normalized_tensor(apply_photometric(render_view(image, view), MOCO_V2_RECIPE, rng))
+            views |= augmented_view(name, image, view, MOCO_V2_RECIPE, rng)
             # Without an intersection any finite box will do: its cells are masked.
             box = map_boxes(overlap, source, view)[0] if overlap is not None else np.array([0.0, 0.0, view.out_w, view.out_h])
             views[f"box_{name}"] = torch.from_numpy(box).float()

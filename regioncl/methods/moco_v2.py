@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from regioncl.augment import MOCO_V2_RECIPE, apply_photometric, to_normalized_tensor
-from regioncl.geometry import random_resized_crop, render_view
+from regioncl.augment import MOCO_V2_RECIPE, augmented_view
+from regioncl.geometry import random_resized_crop
 from regioncl.losses import info_nce
 from regioncl.methods.base import PretrainMethod, StepInfo, register_method
 from regioncl.models import FeatureQueue, MLPHead, ResNetBackbone, make_target, shuffle_bn_encode
@@ -59,7 +59,7 @@ class MocoV2(PretrainMethod):
         views = {}
         for name in ("query", "key"):
             view = random_resized_crop(width, height, self.params.crop_size, rng, scale=self.params.crop_scale)
-            views[name] = to_normalized_tensor(apply_photometric(render_view(sample["image"], view), MOCO_V2_RECIPE, rng))
+            views |= augmented_view(name, sample["image"], view, MOCO_V2_RECIPE, rng)
         return views
 
     def momentum_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:

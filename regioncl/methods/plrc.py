@@ -72,8 +72,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from regioncl.augment import MOCO_V2_RECIPE, apply_photometric, to_normalized_tensor
-from regioncl.geometry import View, cell_index, map_points, points_inside, random_resized_crop, render_view
+from regioncl.augment import MOCO_V2_RECIPE, augmented_view
+from regioncl.geometry import View, cell_index, map_points, points_inside, random_resized_crop
 from regioncl.losses import affinity_distillation, info_nce, point_contrast
 from regioncl.methods.base import PretrainMethod, StepInfo, register_method
 from regioncl.models import FeatureQueue, MLPHead, ResNetBackbone, gather, make_target, shuffle_bn_encode
@@ -184,10 +184,8 @@ class Plrc(PretrainMethod):
         "distill_mask" (N P,) bool."""
         image = sample["image"]
         geo = self.geometry(*image.size, rng)
-        views = {
-            name: to_normalized_tensor(apply_photometric(render_view(image, view), MOCO_V2_RECIPE, rng))
-            for name, view in (("query", geo.query), ("key", geo.key))
-        }
+        views = augmented_view("query", image, geo.query, MOCO_V2_RECIPE, rng)
+        views |= augmented_view("key", image, geo.key, MOCO_V2_RECIPE, rng)
         return {
             **views,
             "labels": torch.from_numpy(np.repeat(geo.regions, self.params.num_points)),

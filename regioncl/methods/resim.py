@@ -62,14 +62,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from regioncl.augment import MOCO_V2_RECIPE, apply_photometric, to_normalized_tensor
+from regioncl.augment import MOCO_V2_RECIPE, augmented_view
 from regioncl.geometry import (
     View,
     boxes_inside,
     crop_intersection,
     map_boxes,
     random_resized_crop,
-    render_view,
     sliding_windows,
 )
 from regioncl.losses import info_nce
@@ -211,10 +210,8 @@ class ResimC4(PretrainMethod):
         image = sample["image"]
         width, height = image.size
         query, key = self.crops(width, height, rng)
-        views = {
-            name: to_normalized_tensor(apply_photometric(render_view(image, view), MOCO_V2_RECIPE, rng))
-            for name, view in (("query", query), ("key", key))
-        }
+        views = augmented_view("query", image, query, MOCO_V2_RECIPE, rng)
+        views |= augmented_view("key", image, key, MOCO_V2_RECIPE, rng)
         source = View.identity(width, height)
         for level in self.params.levels:
             views[f"windows_{level.feature}"] = torch.from_numpy(self.window_pairs(query, key, source, level)).float()

@@ -73,7 +73,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from regioncl.augment import BYOL_RECIPES, apply_photometric, to_normalized_tensor
+from regioncl.augment import BYOL_RECIPES, augmented_view
 from regioncl.geometry import (
     View,
     boxes_inside,
@@ -82,7 +82,6 @@ from regioncl.geometry import (
     jitter_boxes,
     map_boxes,
     random_resized_crop,
-    render_view,
     sample_fixed_k,
 )
 from regioncl.losses import byol_loss
@@ -258,7 +257,7 @@ class _Soco(PretrainMethod):
         out = {}
         for index, (name, view) in enumerate(geometry.views.items()):
             recipe = BYOL_RECIPES[min(index, 1)]  # V1: the first recipe; V2-V4: the second
-            out[name] = to_normalized_tensor(apply_photometric(render_view(sample["image"], view), recipe, rng))
+            out |= augmented_view(name, sample["image"], view, recipe, rng)
             out[f"{name}_boxes"] = torch.as_tensor(geometry.boxes[name], dtype=torch.float32)
             out[f"{name}_visible"] = torch.as_tensor(geometry.visible[name])
         return out

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import yaml
 
+from regioncl.baselines import BASELINES, baseline_run
 from regioncl.settings import Settings
-
-BASELINE_METHODS = ("random",)  # no pretraining: the run is named after the method alone
 
 
 @dataclasses.dataclass(frozen=True)
 class TableRow(Settings):
-    method: str  # our method registry name, or a baseline (`random`)
-    epochs: int | None = None  # pretraining epochs; None for baselines
+    method: str  # our method registry name, or a baseline (`random`, `supervised`)
+    epochs: int | None = None  # pretraining epochs; None for `random`, ImageNet epochs for `supervised`
     reference: str | None = None  # the reference table's printed row name, e.g. "MoCo v2 [5]"
-    run: str | None = None  # our run name; default `{method}_{arch}_{epochs}ep` (`random` for baselines)
+    # our run name; default `{method}_{arch}_{epochs}ep`, a baseline's `random` / `supervised_{arch}`
+    run: str | None = None
     label: str | None = None  # shown row name; default: `reference`, else `method`
     # The row reads benchmark `<column's benchmark><suffix>`: the same protocol with another
     # transfer, e.g. ReSim-FPN's `_backbone` (the FPN not loaded) beside ReSim-FPN^T's default.
@@ -55,8 +55,8 @@ class PaperTable(Settings):
     def run_of(self, row: TableRow) -> str:
         if row.run is not None:
             return row.run
-        if row.method in BASELINE_METHODS:
-            return row.method
+        if row.method in BASELINES:
+            return baseline_run(row.method, self.arch)
         return f"{row.method}_{self.arch}_{row.epochs}ep"
 
     @staticmethod

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from regioncl.baselines import BASELINES
 from regioncl.io import write_text_atomic
 from regioncl.tables.metrics import LABELS, labels_of, read_metrics_records
 
@@ -46,7 +47,7 @@ def summarize(long: pd.DataFrame) -> pd.DataFrame:
     mean`), `seeds` (how many seeds the row's records have).
 
     Box, then mask columns (AP, AP50, AP75), then other kinds' in name order. Baselines without
-    pretraining (`random`) come first, then runs in name order.
+    self-supervised pretraining (`random`, `supervised`) come first, then runs in name order.
     """
     stats = long.groupby(["method", "run", "benchmark", "column"])["value"].agg(["mean", "std"])
     seeds = long.groupby(["method", "run", "benchmark"])["seed"].nunique().rename("seeds")
@@ -54,7 +55,7 @@ def summarize(long: pd.DataFrame) -> pd.DataFrame:
     wide.columns = [f"{column} {stat}" for stat, column in wide.columns]
     ordered = sorted(wide.columns, key=_column_order)
     table = wide[ordered].join(seeds).reset_index()
-    table["is_baseline"] = table["method"] == "random"
+    table["is_baseline"] = table["method"].isin(BASELINES)
     table = table.sort_values(["benchmark", "is_baseline", "run"], ascending=[True, False, True])
     return table.drop(columns="is_baseline").reset_index(drop=True)
 

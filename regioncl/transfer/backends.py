@@ -9,41 +9,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from regioncl.transfer.benchmarks import BenchmarkSettings
+from regioncl.transfer.benchmarks import BACKENDS, BenchmarkSettings
 
-DETECTRON2_COMMIT = "02b5c4e295e990042a714712c21dc79b731e8833"
-
-
-@dataclass(frozen=True)
-class Backend:
-    """A finetuning backend: its module (exposing ``finetune`` and ``evaluate`` with the same
-    signatures), the converted weights it loads (rule convert writes both), the launch options
-    its two functions take besides the common ones, and, for a backend outside
-    requirements.lock, the package that must import and how to install it."""
-
-    module: str
-    weights_suffix: str
-    launch_options: tuple[str, ...] = ()
-    package: str | None = None
-    install: str = ""
-
-
-BACKENDS = {
-    "torchvision": Backend("regioncl.transfer.torchvision_backend", ".tv.pth"),
-    "detectron2": Backend(
-        "regioncl.transfer.detectron2_backend",
-        ".d2.pkl",
-        launch_options=("num_gpus", "num_machines", "machine_rank", "dist_url", "num_workers"),
-        package="detectron2",
-        install="pip install 'setuptools<81' wheel && pip install --no-build-isolation "
-        f"'git+https://github.com/facebookresearch/detectron2.git@{DETECTRON2_COMMIT}' "
-        "(full recipe, GPU builds included: docs/transfer.md, 'detectron2 extras')",
-    ),
-}
 WEIGHTS_SUFFIX = {name: backend.weights_suffix for name, backend in BACKENDS.items()}
 
 

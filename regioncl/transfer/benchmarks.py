@@ -16,8 +16,10 @@ norms in the FPN and heads (``fpn_norm``, ``head_norm``), SoCo's 4conv1fc box he
 norm after res5 (``res5_extra_norm``), precise BN and LVIS's repeat-factor sampler. The
 torchvision backend builds FPN Faster/Mask R-CNN and RetinaNet (P3-P7), with norms in the FPN
 and heads and either box head, on the CPU or a GPU (``device``), and rejects the settings it
-cannot honour, by name. ``transfer`` names the pretrained modules besides the backbone a
-benchmark loads (``pretrained_modules``).
+cannot honour, by name. ``BACKENDS`` is the one table of the backends (module, converted
+weights, launch options, installation) that ``regioncl.transfer.backends`` dispatches on.
+``transfer`` names the pretrained modules besides the backbone a benchmark loads
+(``pretrained_modules``).
 
 On the CPU a config sets slim heads (e.g. ``heads: {fpn_channels: 64, box_head_dim: 256,
 roi_batch_size_per_image: 128}``): the same code path, smaller numbers.
@@ -35,7 +37,6 @@ from regioncl.data.layouts import DATASET_FORMATS, SPLIT_PATHS
 from regioncl.device import DEVICES
 from regioncl.settings import Settings, bounded
 
-BACKENDS = ("torchvision", "detectron2")
 MODEL_FAMILIES = ("faster_rcnn", "mask_rcnn", "retinanet")
 NORMS = ("bn", "frozen_bn", "syncbn")
 EXTRA_NORMS = ("none", "bn", "syncbn")  # norms added to the FPN / RoI heads ("none": no norm)
@@ -45,6 +46,39 @@ TRANSFERABLE = ("fpn", "box_head")
 SAMPLERS = ("uniform", "repeat_factor")  # detectron2 TrainingSampler / RepeatFactorTrainingSampler
 SIZE_SAMPLING = ("choice", "range")  # detectron2 INPUT.MIN_SIZE_TRAIN_SAMPLING
 OPTIMIZERS = ("sgd",)
+
+DETECTRON2_COMMIT = "02b5c4e295e990042a714712c21dc79b731e8833"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A finetuning backend (``BenchmarkSettings.backend`` names one; ``regioncl.transfer.
+    backends`` dispatches to it): its module (exposing ``finetune`` and ``evaluate`` with the same
+    signatures), the converted weights it loads (rule convert writes both), the launch options
+    its two functions take besides the common ones, and, for a backend outside
+    requirements.lock, the package that must import and how to install it."""
+
+    module: str
+    weights_suffix: str
+    launch_options: tuple[str, ...] = ()
+    package: str | None = None
+    install: str = ""
+
+
+BACKENDS = {
+    "torchvision": Backend("regioncl.transfer.torchvision_backend", ".tv.pth"),
+    "detectron2": Backend(
+        "regioncl.transfer.detectron2_backend",
+        ".d2.pkl",
+        launch_options=("num_gpus", "num_machines", "machine_rank", "dist_url", "num_workers"),
+        package="detectron2",
+        install="pip install 'setuptools<81' wheel && pip install --no-build-isolation "
+        f"'git+https://github.com/facebookresearch/detectron2.git@{DETECTRON2_COMMIT}' "
+        "(full recipe, GPU builds included: docs/transfer.md, 'detectron2 extras')",
+    ),
+}
+
+
 def _check_choice(where: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{where}: {value!r} is not one of {list(choices)}")
@@ -224,7 +258,7 @@ class BenchmarkSettings(Settings):
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def __post_init__(self) -> None:
-        _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("backend", self.backend, tuple(BACKENDS))
         _check_choice("model", self.model, MODEL_FAMILIES)
         _check_choice("arch", self.arch, ARCHS)
         _check_choice("norm", self.norm, NORMS)

@@ -14,7 +14,10 @@ backends`` does): detectron2 is optional and imported at the top here.
   other weights bytes start afresh); ``resume_or_load(resume=True)`` continues from its last
   checkpoint, else loads the converted ``.pkl``, which is first read with the restricted
   unpickler of ``regioncl.weights`` (a file that would run code is refused
-  before detectron2 unpickles it). ``launch`` spreads it over GPUs/machines.
+  before detectron2 unpickles it) and checked against the detector's keys by the torchvision
+  backend's rules (``pretrained_for``, ``regioncl.transfer.loading``: a backbone tensor it
+  lacks, or one without a place or of another shape, is an error naming the keys; what it
+  leaves out on purpose is named on stderr). ``launch`` spreads it over GPUs/machines.
 - Evaluation: COCOEvaluator, LVISEvaluator, PascalVOCDetectionEvaluator or
   CityscapesInstanceEvaluator by dataset format (LVIS needs ``lvis``, Cityscapes
   ``cityscapesscripts``: both patched for NumPy 2 on first use, Cityscapes also for its import
@@ -24,7 +27,6 @@ backends`` does): detectron2 is optional and imported at the top here.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import math
@@ -55,12 +57,13 @@ from detectron2.evaluation import (
     inference_on_dataset,
 )
 from detectron2.layers import get_norm
+from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, Res5ROIHeads
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
-from regioncl.convert import has_fpn_norm, module_of, select_modules
+from regioncl.convert import has_fpn_norm, select_modules
 from regioncl.curves import publish_detectron2_metrics
 from regioncl.io import atomic_path, read_json, write_json_atomic
 from regioncl.transfer.benchmarks import BenchmarkSettings
@@ -72,6 +75,7 @@ from regioncl.transfer.detectron2_config import (
     flat_option_list,
 )
 from regioncl.transfer.identity import finetune_identity
+from regioncl.transfer.loading import check_loadable, detectron2_load_check, report_left_out, shapes_of
 from regioncl.transfer.records import load_finetuned_detector, write_metrics_record
 from regioncl.transfer.subsets import training_annotations
 from regioncl.weights import check_same_run, read_detectron2_weights, write_detectron2_weights
@@ -279,6 +283,27 @@ def _train_worker(
             )
 
 
+def pretrained_for(benchmark: BenchmarkSettings, weights: Path, state: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(the tensors of the converted ``state`` that the benchmark's detector takes, the keys of
+    the others); raises naming ``weights`` and the keys when they do not load completely.
+
+    detectron2 matches names by suffix and only logs what it skips, which would load a module
+    into a part of another architecture (a 4conv1fc head's fc1 into a 2fc head's fc1, same
+    shape) and start a detector from a partly random backbone in silence. So it is handed only
+    ``pretrained_modules`` (without an FPN whose norms differ from the detector's: convs trained
+    before a norm do not fit an FPN without one, nor the reverse), checked against the keys of
+    the detector built here on the CPU by the torchvision backend's rules
+    (``loading.detectron2_load_check``)."""
+    modules = set(benchmark.pretrained_modules)
+    if has_fpn_norm(state, "detectron2") != (benchmark.fpn_norm != "none"):
+        modules.discard("fpn")
+    kept, left_out = select_modules(state, "detectron2", modules)
+    detector = build_model(build_cfg(benchmark, num_classes_of(benchmark)))
+    problems, unused = detectron2_load_check(shapes_of(detector.state_dict()), shapes_of(kept))
+    check_loadable(weights, problems)
+    return {k: v for k, v in kept.items() if k not in unused}, sorted(left_out + unused)
+
+
 def finetune(
     benchmark: BenchmarkSettings,
     weights: Path | None,
@@ -309,16 +334,9 @@ def finetune(
         # Read here, restricted, before detectron2's checkpointer unpickles the same file unrestricted.
         loaded = read_detectron2_weights(weights)
         method = loaded.get("method", "unknown")
-        # Suffix matching would load a module into a part of another architecture (a 4conv1fc
-        # head's fc1 into a 2fc head's fc1, same shape): hand detectron2 only what it takes.
-        modules = set(benchmark.pretrained_modules)
-        if has_fpn_norm(loaded["model"], "detectron2") != (benchmark.fpn_norm != "none"):
-            modules.discard("fpn")  # convs trained before a norm do not fit an FPN without one, nor the reverse
-        kept, left_out = select_modules(loaded["model"], "detectron2", modules)
+        kept, left_out = pretrained_for(benchmark, weights, loaded["model"])
+        report_left_out(weights, benchmark.name, left_out, "detectron2")
         if left_out:
-            counts = collections.Counter(module_of(key, "detectron2") for key in left_out)
-            summary = ", ".join(f"{module} ({count} tensors)" for module, count in sorted(counts.items()))
-            print(f"{weights}: left out of {benchmark.name}'s detector: {summary}", file=sys.stderr)
             weights_str = str(workdir / "pretrained.d2.pkl")
             write_detectron2_weights(Path(weights_str), {**loaded, "model": kept})
     _check_identity(workdir, identity)

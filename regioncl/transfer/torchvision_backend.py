@@ -20,7 +20,6 @@ above depends on the total; a checkpoint past the new end is not resumed.
 from __future__ import annotations
 
 import bisect
-import collections
 import functools
 import math
 import re
@@ -47,6 +46,7 @@ from regioncl.progress import Progress
 from regioncl.transfer.benchmarks import BenchmarkSettings, SolverSettings
 from regioncl.transfer.coco_data import CocoDetection, hflip
 from regioncl.transfer.identity import finetune_identity
+from regioncl.transfer.loading import check_loadable, load_problems, report_left_out, shapes_of
 from regioncl.transfer.records import load_finetuned_detector, write_metrics_record
 from regioncl.transfer.subsets import training_annotations
 from regioncl.transfer.torchvision_eval import coco_metrics, predict
@@ -225,19 +225,9 @@ def load_pretrained_weights(
     if has_fpn_norm(provided, "torchvision") != has_fpn_norm(expected, "torchvision"):
         provided, unfit = select_modules(provided, "torchvision", set(modules) - {"fpn"})
         fpn_left_out += unfit
-    required = {
-        k for k in expected if k.startswith("backbone.body.") and not k.endswith("num_batches_tracked")
-    }
-    problems = _fpn_problems(provided, expected)
-    problems += [f"missing backbone key {k}" for k in sorted(required - set(provided))]
-    problems += [f"unexpected key {k}" for k in sorted(set(provided) - set(expected))]
-    problems += [
-        f"{k}: shape {tuple(v.shape)}, the model has {tuple(expected[k].shape)}"
-        for k, v in sorted(provided.items())
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if problems:
-        raise ValueError(f"{weights}: cannot load into the detector:\n  " + "\n  ".join(problems))
+    required = [k for k in expected if k.startswith("backbone.body.") and not k.endswith("num_batches_tracked")]
+    problems = load_problems(shapes_of(provided), shapes_of(expected), required)
+    check_loadable(weights, _fpn_problems(provided, expected) + problems)
     model.load_state_dict(provided, strict=False)
     return {**{k: v for k, v in payload.items() if k != "state_dict"}, "left_out": left_out + fpn_left_out}
 
@@ -401,10 +391,7 @@ def finetune(
     source = {"method": "random"}
     if weights is not None:
         source = load_pretrained_weights(model, weights, benchmark.arch, modules=benchmark.pretrained_modules)
-        if source["left_out"]:
-            counts = collections.Counter(module_of(key, "torchvision") for key in source["left_out"])
-            summary = ", ".join(f"{module} ({count} tensors)" for module, count in sorted(counts.items()))
-            print(f"{weights}: left out of {benchmark.name}'s detector: {summary}", file=sys.stderr)
+        report_left_out(weights, benchmark.name, source["left_out"], "torchvision")
     model.to(device)
     optimizer = build_optimizer(model, solver)
 

@@ -2,15 +2,12 @@
 against the paper's formula (eq. 2-6), masking of pairs that do not intersect, the queues, and the
 engine (exact resume, 1 vs 2 gloo processes, a short run that learns, converted weights that finetune)."""
 
-import io
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
 import torchvision
-import webdataset as wds
 from PIL import Image
 from torch.nn import functional as F
 
@@ -21,7 +18,14 @@ from regioncl.methods.dupr import Dupr, DuprParams
 from regioncl.models import gather
 from regioncl.models.multilevel import STAGES
 
-from pretrain_runs import metric_values, newest_model_state, spawn_two_ranks, stopped_and_resumed_run_equals_straight_run  # tests/pretrain_runs.py
+from pretrain_runs import (  # tests/pretrain_runs.py
+    converted_weights_finetune,
+    metric_values,
+    newest_model_state,
+    spawn_two_ranks,
+    stopped_and_resumed_run_equals_straight_run,
+    write_image_shard,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -283,20 +287,10 @@ def test_two_gloo_processes_agree_with_one_on_the_first_steps(shards, tmp_path):
 @pytest.mark.slow  # ~80 s: 12 steps of 8 images, then a 2-iteration finetune
 def test_a_short_run_lowers_the_loss_and_its_converted_weights_finetune(tmp_path):
     from test_detco import _shapes_image  # tests/methods/test_detco.py
-    from test_finetune import draw_split, tiny_benchmark  # tests/test_finetune.py
-
-    from regioncl.convert import convert_checkpoint
-    from regioncl.transfer.torchvision_backend import finetune
-
     rng = np.random.default_rng(0)
-    with wds.TarWriter(str(tmp_path / "shapes.tar")) as writer:
-        for index in range(48):
-            jpeg = io.BytesIO()
-            _shapes_image(rng).save(jpeg, format="JPEG")
-            meta = json.dumps({"width": 64, "height": 64, "boxes": []}).encode()
-            writer.write({"__key__": f"img{index:03d}", "jpg": jpeg.getvalue(), "json": meta})
+    shard = write_image_shard(tmp_path / "shapes.tar", [_shapes_image(rng) for _ in range(48)])
     run = {**RUN, "epochs": 2, "batch_size": 8, "checkpoint_every_steps": 100, "optimizer": {"base_lr": 0.06, "reference_batch": 8}}
-    pretrain(PretrainSettings.from_dict(run), [tmp_path / "shapes.tar"], tmp_path / "final.pt", tmp_path)
+    pretrain(PretrainSettings.from_dict(run), [shard], tmp_path / "final.pt", tmp_path)
     # From step 5 on every queue holds real keys only (image queues: 4 steps of 8 keys; patch
     # queues: 1 step of 32 cells); from there the logged loss falls. (Measured against held-out
     # images, 12 steps are too few here: a random network already matches a cell with itself.)
@@ -304,13 +298,4 @@ def test_a_short_run_lowers_the_loss_and_its_converted_weights_finetune(tmp_path
     assert all(math.isfinite(loss) for loss in losses)
     assert np.mean(losses[-3:]) < np.mean(losses[4:7]) - 0.3, losses
 
-    convert_checkpoint(tmp_path / "final.pt", tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
-    coco = tmp_path / "coco"
-    draw_split(coco, "train", [(96, 80), (64, 96), (80, 80), (96, 96)], np.random.default_rng(0))
-    draw_split(coco, "val", [(96, 80)], np.random.default_rng(1))
-    solver = {"lr": 0.01, "iterations": 2, "batch_size": 2, "warmup_iters": 1, "lr_steps": [1], "checkpoint_every": 2}
-    finetune(tiny_benchmark(coco, solver=solver), tmp_path / "w.tv.pth", seed=0, out=tmp_path / "model.pt", workdir=tmp_path / "ft")
-    detector = torch.load(tmp_path / "model.pt", weights_only=False)
-    pretrained = torch.load(tmp_path / "w.tv.pth", weights_only=True)["state_dict"]
-    name = "backbone.body.layer1.0.conv1.weight"
-    assert detector["method"] == "dupr" and not torch.equal(detector["state_dict"][name], pretrained[name])
+    converted_weights_finetune(tmp_path / "final.pt", tmp_path, "dupr")

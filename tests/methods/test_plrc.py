@@ -5,15 +5,12 @@ across the warm-up switch, 1 vs 2 gloo processes, a short run that learns, conve
 that finetune)."""
 
 import copy
-import io
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
 import torchvision
-import webdataset as wds
 from PIL import Image, ImageDraw
 from torch.nn import functional as F
 
@@ -22,7 +19,14 @@ from regioncl.geometry import View, cell_index, map_points
 from regioncl.methods import StepInfo, get_method
 from regioncl.methods.plrc import Plrc, PlrcParams
 
-from pretrain_runs import metric_values, newest_model_state, spawn_two_ranks, stopped_and_resumed_run_equals_straight_run  # tests/pretrain_runs.py
+from pretrain_runs import (  # tests/pretrain_runs.py
+    converted_weights_finetune,
+    metric_values,
+    newest_model_state,
+    spawn_two_ranks,
+    stopped_and_resumed_run_equals_straight_run,
+    write_image_shard,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -368,22 +372,12 @@ def _shapes_image(rng: np.random.Generator) -> Image.Image:
 
 @pytest.mark.slow  # ~2 min: 24 steps of 8 images at 96 px, then a 2-iteration finetune
 def test_a_short_run_lowers_the_loss_and_its_converted_weights_finetune(tmp_path):
-    from test_finetune import draw_split, tiny_benchmark  # tests/test_finetune.py
-
-    from regioncl.convert import convert_checkpoint
-    from regioncl.transfer.torchvision_backend import finetune
-
     rng = np.random.default_rng(0)
-    with wds.TarWriter(str(tmp_path / "shapes.tar")) as writer:
-        for index in range(48):
-            jpeg = io.BytesIO()
-            _shapes_image(rng).save(jpeg, format="JPEG")
-            meta = json.dumps({"width": 96, "height": 96, "boxes": []}).encode()
-            writer.write({"__key__": f"img{index:03d}", "jpg": jpeg.getvalue(), "json": meta})
+    shard = write_image_shard(tmp_path / "shapes.tar", [_shapes_image(rng) for _ in range(48)])
     params = {**RUN["method_params"], "crop_size": 96, "resolution": 24}
     run = {**RUN, "method_params": params, "epochs": 4, "batch_size": 8, "checkpoint_every_steps": 100,
            "optimizer": {"base_lr": 0.06, "reference_batch": 8}}  # fmt: skip
-    pretrain(PretrainSettings.from_dict(run), [tmp_path / "shapes.tar"], tmp_path / "final.pt", tmp_path)
+    pretrain(PretrainSettings.from_dict(run), [shard], tmp_path / "final.pt", tmp_path)
     assert all(math.isfinite(loss) for loss in metric_values(tmp_path))
     assert metric_values(tmp_path, "loss_distill")[-1] > 0  # the switch was reached
 
@@ -407,13 +401,4 @@ def test_a_short_run_lowers_the_loss_and_its_converted_weights_finetune(tmp_path
     assert after["loss"] < before["loss"] - 0.05, (before, after)
     assert after["loss_point"] < before["loss_point"] - 0.05 and after["loss_distill"] < before["loss_distill"] - 0.1, (before, after)
 
-    convert_checkpoint(tmp_path / "final.pt", tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
-    coco = tmp_path / "coco"
-    draw_split(coco, "train", [(96, 80), (64, 96), (80, 80), (96, 96)], np.random.default_rng(0))
-    draw_split(coco, "val", [(96, 80)], np.random.default_rng(1))
-    solver = {"lr": 0.01, "iterations": 2, "batch_size": 2, "warmup_iters": 1, "lr_steps": [1], "checkpoint_every": 2}
-    finetune(tiny_benchmark(coco, solver=solver), tmp_path / "w.tv.pth", seed=0, out=tmp_path / "model.pt", workdir=tmp_path / "ft")
-    detector = torch.load(tmp_path / "model.pt", weights_only=False)
-    pretrained = torch.load(tmp_path / "w.tv.pth", weights_only=True)["state_dict"]
-    name = "backbone.body.layer1.0.conv1.weight"
-    assert detector["method"] == "plrc" and not torch.equal(detector["state_dict"][name], pretrained[name])
+    converted_weights_finetune(tmp_path / "final.pt", tmp_path, "plrc")

@@ -23,7 +23,13 @@ from regioncl.methods import StepInfo, get_method
 from regioncl.methods.resim import C4_LEVELS, FPN_LEVELS, RegionLevel, ResimC4, ResimFpn, ResimFpnParams, ResimParams
 from regioncl.models.roi import precise_roi_pool
 
-from pretrain_runs import metric_values, newest_model_state, spawn_two_ranks, stopped_and_resumed_run_equals_straight_run  # tests/pretrain_runs.py
+from pretrain_runs import (  # tests/pretrain_runs.py
+    converted_weights_finetune,
+    metric_values,
+    newest_model_state,
+    spawn_two_ranks,
+    stopped_and_resumed_run_equals_straight_run,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -391,11 +397,6 @@ def _similarity_gaps(method: ResimFpn, batch: dict, name: str) -> tuple[float, f
 
 @pytest.mark.slow  # ~70 s (~170 s on loaded cores): 30 steps of 16 images at 96 px, then a 2-iteration finetune
 def test_a_short_run_on_embedded_images_learns_aligned_regions_and_its_weights_finetune_as_fpn_t(tmp_path):
-    from test_finetune import draw_split, tiny_benchmark  # tests/test_finetune.py
-
-    from regioncl.convert import convert_checkpoint
-    from regioncl.transfer.torchvision_backend import finetune
-
     images = _embedded_images(tmp_path / "embedded", 64)
     shard = _shard(images[:48], tmp_path / "embedded.tar")
     # The FPN as the torchvision detector's (no norm, 16 channels), so ReSim-FPN^T loads there.
@@ -423,14 +424,6 @@ def test_a_short_run_on_embedded_images_learns_aligned_regions_and_its_weights_f
         assert own_after > own_before + 0.02 and other_after > other_before, (name, own_before, own_after, other_before, other_after)
         assert spread > 0.02, (name, spread)  # no collapse: region embeddings still differ across windows
 
-    convert_checkpoint(tmp_path / "final.pt", tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
-    coco = tmp_path / "coco"
-    draw_split(coco, "train", [(96, 80), (64, 96), (80, 80), (96, 96)], np.random.default_rng(0))
-    draw_split(coco, "val", [(96, 80)], np.random.default_rng(1))
-    solver = {"lr": 0.01, "iterations": 2, "batch_size": 2, "warmup_iters": 1, "lr_steps": [1], "checkpoint_every": 2}
-    finetune(tiny_benchmark(coco, solver=solver), tmp_path / "w.tv.pth", seed=0, out=tmp_path / "model.pt", workdir=tmp_path / "ft")
-    detector = torch.load(tmp_path / "model.pt", weights_only=False)
-    pretrained = torch.load(tmp_path / "w.tv.pth", weights_only=True)["state_dict"]
-    assert detector["method"] == "resim_fpn"
-    for name in ("backbone.body.layer1.0.conv1.weight", "backbone.fpn.inner_blocks.1.0.weight"):
-        assert name in pretrained and not torch.equal(detector["state_dict"][name], pretrained[name])
+    converted_weights_finetune(
+        tmp_path / "final.pt", tmp_path, "resim_fpn", ("backbone.body.layer1.0.conv1.weight", "backbone.fpn.inner_blocks.1.0.weight")
+    )

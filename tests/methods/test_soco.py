@@ -22,10 +22,10 @@ from regioncl.methods.soco import LEVELS, FpnObjectEncoder, Soco, SocoC4, SocoC4
 from regioncl.models import ConvFCBoxHead
 from regioncl.models.roi import assign_levels
 from regioncl.transfer.benchmarks import BenchmarkSettings
-from regioncl.transfer.torchvision_backend import build_detector, finetune, load_pretrained_weights
+from regioncl.transfer.torchvision_backend import build_detector, load_pretrained_weights
 from regioncl.weights import read_detectron2_weights, write_pretrained_checkpoint
 
-from pretrain_runs import spawn_two_ranks, stopped_and_resumed_run_equals_straight_run  # tests/pretrain_runs.py
+from pretrain_runs import converted_weights_finetune, spawn_two_ranks, stopped_and_resumed_run_equals_straight_run  # tests/pretrain_runs.py
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -321,7 +321,11 @@ def converted(tmp_path_factory) -> tuple[Path, Soco]:
     """A tiny SoCo's pretrained checkpoint, converted; returns (directory, the method)."""
     out = tmp_path_factory.mktemp("soco_weights")
     method = _method()
-    with torch.no_grad():  # BN statistics other than the defaults, so that loading them shows
+    # Weights other than a detector's built from the same seed (the encoder's backbone and FPN are
+    # built in the same order) and BN statistics other than the defaults, so that loading them shows.
+    with torch.no_grad():
+        for parameter in method.encoder.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
         for module in method.encoder.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.uniform_(-1, 1)
@@ -335,14 +339,21 @@ def converted(tmp_path_factory) -> tuple[Path, Soco]:
     return out, method
 
 
+# SoCo's detector, on top of test_finetune.tiny_benchmark: a norm after the FPN's convs and in the 4conv1fc head.
+SOCO_DETECTOR = {
+    "fpn_norm": "bn",
+    "box_head": "4conv1fc",
+    "head_norm": "bn",
+    "heads": {"fpn_channels": 16, "box_head_dim": 32, "rpn_batch_size_per_image": 32, "roi_batch_size_per_image": 16,
+              "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 100,
+              "rpn_post_nms_top_n_test": 50, "mask_head_channels": 8},
+}  # fmt: skip
+
+
 def _soco_benchmark(root: Path, **overrides) -> BenchmarkSettings:
     from test_finetune import tiny_benchmark  # tests/test_finetune.py (tests/ is on sys.path via its conftest)
 
-    heads = {"fpn_channels": 16, "box_head_dim": 32, "rpn_batch_size_per_image": 32, "roi_batch_size_per_image": 16,
-             "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 100,
-             "rpn_post_nms_top_n_test": 50, "mask_head_channels": 8}  # fmt: skip
-    settings = {"fpn_norm": "bn", "box_head": "4conv1fc", "head_norm": "bn", "heads": heads, **overrides}
-    return tiny_benchmark(root, **settings)
+    return tiny_benchmark(root, **{**SOCO_DETECTOR, **overrides})
 
 
 def test_converted_fpn_and_box_head_load_into_a_4conv1fc_detector_and_compute_the_same(converted):
@@ -423,20 +434,10 @@ def test_a_retinanet_takes_the_fpn_from_c3_on(converted):
 
 
 def test_converted_weights_finetune_a_mask_rcnn_with_norms_in_fpn_and_heads(converted, tmp_path):
-    from test_finetune import draw_split
-
     out, _ = converted
-    draw_split(tmp_path, "train", [(96, 80), (64, 96), (80, 80)], np.random.default_rng(0))
-    benchmark = _soco_benchmark(tmp_path, model="mask_rcnn", solver={"lr": 0.01, "iterations": 2, "batch_size": 2,
-                                                                     "warmup_iters": 1, "lr_steps": [1], "checkpoint_every": 2})
-    finetune(benchmark, out / "w.tv.pth", seed=0, out=tmp_path / "model.pt", workdir=tmp_path / "work")
-    detector = torch.load(tmp_path / "model.pt", weights_only=True)
-    pretrained = torch.load(out / "w.tv.pth", weights_only=True)["state_dict"]
-    assert detector["method"] == "soco"
-    for name in ("backbone.fpn.layer_blocks.0.0.weight", "roi_heads.box_head.0.0.weight", "roi_heads.box_head.5.weight"):
-        finetuned = detector["state_dict"][name]
-        assert finetuned.shape == pretrained[name].shape and not torch.equal(finetuned, pretrained[name])  # loaded, then trained
-    assert "roi_heads.mask_head.0.1.running_var" in detector["state_dict"]  # head_norm reaches the mask head
+    names = ("backbone.fpn.layer_blocks.0.0.weight", "roi_heads.box_head.0.0.weight", "roi_heads.box_head.5.weight")
+    detector = converted_weights_finetune(out / "final.pt", tmp_path, "soco", names, **SOCO_DETECTOR, model="mask_rcnn")
+    assert "roi_heads.mask_head.0.1.running_var" in detector  # head_norm reaches the mask head
 
 
 # -- through the engine -----------------------------------------------------------------------------

@@ -45,10 +45,13 @@ def test_paper_config_plans_the_full_grid_on_the_real_layouts(tmp_path, roots_po
     assert jobs["proposals"] == jobs["shards"] == 1024
     # moco_v2 200 and 800 epochs, byol 300, detco 100, 200 and 800, dupr 200, resim_c4 200, resim_fpn 200,
     # soco 100 and 400, soco* 400, soco_c4 100 and 400, plrc 200
-    assert jobs["pretrain"] == jobs["convert"] == 15
-    # (random + 15 runs) x (11 benchmarks x 1 seed + VOC x 5 seeds, as the papers average), and
-    # resim_fpn on the two backbone-only COCO variants (ReSim-FPN beside ReSim-FPN^T)
-    assert jobs["finetune"] == jobs["evaluate"] == 16 * (11 + 5) + 2
+    assert jobs["pretrain"] == 15
+    assert jobs["convert"] == 15 + 1  # and torchvision's ImageNet R50 for the supervised baseline
+    # (random + supervised_r50 + 15 runs) x (11 benchmarks x 1 seed + VOC x 5 seeds, as the papers
+    # average), and resim_fpn on the two backbone-only COCO variants (ReSim-FPN beside ReSim-FPN^T)
+    assert jobs["finetune"] == jobs["evaluate"] == 17 * (11 + 5) + 2
+    assert "--supervised torchvision:IMAGENET1K_V1 --arch resnet50" in result.stdout
+    assert "--weights results/weights/supervised_r50.d2.pkl" in result.stdout  # the Supervised rows
     assert "results/pretrain/moco_v2_r50_800ep/checkpoint_final.pt" in result.stdout
     for epochs in (100, 200, 800):  # DetCo Tab. 6 rows (200 also Tab. 4)
         assert f"results/finetune/detco_r50_{epochs}ep/voc0712_frcnn_r50c4_24k/seed4/model.pt" in result.stdout

@@ -38,8 +38,12 @@ resources:
 # Settings for this test cluster only (a real cluster keeps the profile's): no accounts, no
 # slurmdbd (squeue for status), quick first status check, no retry (the cancel must stick),
 # and the small stages grouped into two jobs to keep the job count (and test time) down.
+# `--cores 2` is the test node's size: Snakemake sizes a group job as the widest set of its jobs
+# that may run at once, capped by --cores; uncapped, the "post" group (2 finetunes + 2 probes)
+# asked for 3 CPUs and stayed pending for ever on this 2-CPU node.
 TEST_CLUSTER_ARGS = [
     "--profile", str(ROOT / "workflow/profiles/slurm"),
+    "--cores", "2",
     "--slurm-no-account",
     "--slurm-status-command", "squeue",
     "--slurm-init-seconds-before-status-checks", "2",
