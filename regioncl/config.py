@@ -100,6 +100,7 @@ class WorkflowPlan:
         self.runs = self._resolve_runs(pretrain, config.get("methods", {}))
 
         self.finetune_threads = int(finetune.get("threads", 1))
+        self.finetune_workers: int | None = finetune.get("num_workers")
         self.benchmarks = self._resolve_benchmarks(config.get("benchmarks", {}), finetune["benchmarks"])
         self.jobs = self._finetune_jobs(finetune)
 
@@ -391,12 +392,16 @@ class WorkflowPlan:
         gpus = self.cluster.gpus(rule)
         return gpus if self.benchmarks[benchmark]["backend"] == "detectron2" else min(gpus, 1)
 
-    def gpu_args(self, rule: str, benchmark: str) -> str:
-        """Shell words giving a detectron2 job its GPU count ('' for torchvision, which uses
-        the GPU it sees: its benchmark's ``device: auto``)."""
-        if self.benchmarks[benchmark]["backend"] != "detectron2":
-            return ""
-        return shlex.join(["--num-gpus", str(self.job_gpus(rule, benchmark))])
+    def launch_args(self, rule: str, benchmark: str) -> str:
+        """Shell words of a job's launch options: a detectron2 job's GPU count (torchvision uses
+        the GPU it sees: its benchmark's ``device: auto``) and, for finetuning, the configured
+        ``finetune.num_workers``."""
+        words = []
+        if self.benchmarks[benchmark]["backend"] == "detectron2":
+            words += ["--num-gpus", str(self.job_gpus(rule, benchmark))]
+        if rule == "finetune" and self.finetune_workers is not None:
+            words += ["--num-workers", str(self.finetune_workers)]
+        return shlex.join(words)
 
     @staticmethod
     def quoted(settings: dict[str, Any]) -> str:

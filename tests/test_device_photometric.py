@@ -138,11 +138,14 @@ def _make_views(method, sample: dict, mode: str, seed: int = 0) -> dict[str, tor
 
 @pytest.fixture(scope="module")
 def methods() -> dict:
-    """Every registered method at R18 with its paper view parameters scaled to 64-px views and
-    small heads and queues (they play no part in the views)."""
+    """Every method the package ships (not those tests register, which build views their own
+    way) at R18 with its paper view parameters scaled to 64-px views and small heads and queues
+    (they play no part in the views)."""
     built = {}
     for name in available_methods():
         cls = get_method(name)
+        if not cls.__module__.startswith("regioncl.methods."):
+            continue
         params = cls.scaled_params(cls.Params(), 64 / 224)
         small = {f.name: 16 for f in dataclasses.fields(params) if f.name.endswith(("queue_size", "hidden_dim"))}
         torch.manual_seed(0)

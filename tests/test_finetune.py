@@ -279,6 +279,15 @@ def test_resumed_run_equals_the_uninterrupted_one(
     assert_resumed_run_equals(straight_run, tiny_benchmark(tiny_coco), pretrained_weights, tmp_path, counted_steps, capsys)
 
 
+def test_two_loader_workers_give_the_run_of_none(straight_run: Path, tiny_coco: Path, pretrained_weights: Path, tmp_path: Path) -> None:
+    """Batches are a function of (seed, iteration), decoded wherever: the same weights, bitwise."""
+    finetune(tiny_benchmark(tiny_coco), pretrained_weights, 5, tmp_path / "model.pt", tmp_path / "work", num_workers=2)
+    with_workers = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    straight = torch.load(straight_run, weights_only=True)["state_dict"]
+    assert with_workers.keys() == straight.keys()
+    assert all(torch.equal(with_workers[k], straight[k]) for k in straight)
+
+
 def test_identity_hashes_settings_seed_and_weights_bytes_not_the_iteration_count(
     tiny_coco: Path, pretrained_weights: Path, tmp_path: Path
 ) -> None:
@@ -508,5 +517,5 @@ def test_launch_options_are_refused_for_torchvision(tmp_path):
     from regioncl.transfer import backends
 
     bench = BenchmarkSettings.from_dict({"name": "tv", "dataset": {"root": str(tmp_path)}, "arch": "resnet18"})
-    with pytest.raises(ValueError, match=r"launch options \['num_gpus'\]: only the detectron2 backend"):
+    with pytest.raises(ValueError, match=r"launch options \['num_gpus'\].*torchvision backend, which takes only \['num_workers'\]"):
         backends.finetune(bench, None, 0, tmp_path / "m.pt", tmp_path / "work", num_gpus=2)

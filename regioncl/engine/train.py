@@ -147,6 +147,7 @@ def _train(
     last_step = total_steps if stop is None else min(stop, total_steps)
     progress = Progress(total_steps, initial=step, desc=f"pretrain {settings.method}", every=settings.log_every)
     tick = time.perf_counter()
+    pending: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []  # steps not yet logged
     while step < last_step:
         epoch, first_batch = divmod(step, steps_per_epoch)
         views.start_epoch(epoch, skip_samples=first_batch * per_rank_batch)
@@ -177,19 +178,14 @@ def _train(
             method.update_momentum(info)
             step += 1
 
-            logged = {name: gather.all_reduce_mean(value).item() for name, value in losses.items()}
-            _check_finite_losses(logged, step)  # on the values logged anyway: no extra host sync
-            now = time.perf_counter()
-            images_per_s = settings.batch_size / (now - tick)
-            tick = now
-            if log is not None:
-                record = {
-                    "step": step, "epoch": epoch, "lr": lr, "momentum": method.momentum_at(info),
-                    "images_per_s": images_per_s, **logged,
-                }
-                log.append(record if chance is None else {**record, "chance_loss": chance})
-                progress.update(step, loss=logged["loss"], lr=lr, img_s=images_per_s)
-            if is_main and (step % settings.checkpoint_every_steps == 0 or step == last_step):
+            # The step's losses stay on the device until the next flush: reading them every step
+            # (.item()) would make the host wait for the device at every step.
+            pending.append(({"step": step, "epoch": epoch, "lr": lr, "momentum": method.momentum_at(info)}, losses))
+            checkpoint_due = step % settings.checkpoint_every_steps == 0 or step == last_step
+            if checkpoint_due or step % settings.log_every == 0:
+                # Before a checkpoint, so a non-finite loss stops the run before its state is saved.
+                tick = _flush_metrics(pending, log, progress, chance, settings.batch_size, tick)
+            if is_main and checkpoint_due:
                 state = _training_state(method, optimizer, scaler, settings, step, steps_per_epoch)
                 save_resume_checkpoint(workdir, step, state, settings.keep_checkpoints)
             if step == last_step:
@@ -209,6 +205,37 @@ def _train(
             transfer=transfer,
             config=settings.to_dict(),
         )
+
+
+def _flush_metrics(
+    pending: list[tuple[dict[str, Any], dict[str, torch.Tensor]]],
+    log: MetricsLog | None,
+    progress: Progress,
+    chance: float | None,
+    batch_size: int,
+    since: float,
+) -> float:
+    """Log the ``pending`` steps (their record, their losses still on the device) with one
+    all-reduce and one host copy for all of them, stop at the first non-finite loss, and empty
+    ``pending``. Every rank calls it at the same steps (it all-reduces). Returns the time now,
+    the start of the next window: ``images_per_s`` is the window's mean."""
+    flat = [(index, name) for index, (_, losses) in enumerate(pending) for name in losses]
+    values = gather.all_reduce_mean(torch.stack([pending[i][1][name].reshape(()) for i, name in flat])).tolist()
+    now = time.perf_counter()
+    images_per_s = batch_size * len(pending) / (now - since)
+    logged: list[dict[str, float]] = [{} for _ in pending]
+    for (index, name), value in zip(flat, values, strict=True):
+        logged[index][name] = value
+    for (record, _), losses in zip(pending, logged, strict=True):
+        _check_finite_losses(losses, record["step"])
+        if log is not None:
+            full = {**record, "images_per_s": images_per_s, **losses}
+            log.append(full if chance is None else {**full, "chance_loss": chance})
+    if log is not None:
+        last, losses = pending[-1][0], logged[-1]
+        progress.update(last["step"], loss=losses["loss"], lr=last["lr"], img_s=images_per_s)
+    pending.clear()
+    return now
 
 
 def _check_finite_losses(losses: dict[str, float], step: int) -> None:

@@ -44,8 +44,9 @@ def backend_module(benchmark: BenchmarkSettings, launch: Mapping[str, object]) -
     unknown = sorted(set(launch) - set(backend.launch_options))
     if unknown:
         raise ValueError(
-            f"launch options {unknown}: only the detectron2 backend takes them "
-            f"(benchmark {benchmark.name!r} runs on {benchmark.backend!r}: its device setting)"
+            f"launch options {unknown}: benchmark {benchmark.name!r} runs on the {benchmark.backend} "
+            f"backend, which takes only {list(backend.launch_options)} (its device comes from the "
+            "benchmark's device setting)"
         )
     try:
         return importlib.import_module(backend.module)

@@ -66,7 +66,7 @@ class Backend:
 
 
 BACKENDS = {
-    "torchvision": Backend("regioncl.transfer.torchvision_backend", ".tv.pth"),
+    "torchvision": Backend("regioncl.transfer.torchvision_backend", ".tv.pth", launch_options=("num_workers",)),
     "detectron2": Backend(
         "regioncl.transfer.detectron2_backend",
         ".d2.pkl",

@@ -312,18 +312,60 @@ def batch_indices(seed: int, iteration: int, batch_size: int, size: int) -> list
     return [epoch_order(seed, p // size, size)[p % size] for p in positions]
 
 
-def load_batch(
-    data: CocoDetection, indices: list[int], flips: np.ndarray, device: torch.device
-) -> tuple[list[torch.Tensor], list[dict]]:
-    """Images and targets of ``indices``, flipped where ``flips`` says, on ``device``."""
-    images, targets = [], []
-    for index, flip in zip(indices, flips):
-        image, target = data[index]
-        if flip:
-            image, target = hflip(image, target)
-        images.append(image.to(device))
-        targets.append({key: value.to(device) for key, value in target.items()})
-    return images, targets
+def iteration_draws(seed: int, iteration: int, batch_size: int, hflip_prob: float) -> tuple[int, np.ndarray]:
+    """The random draws of one iteration, from its own stream: the torch seed of the step (the
+    detector's sampling of anchors and RoIs) and which images of the batch are flipped."""
+    rng = np.random.default_rng([seed, ITERATION_STREAM, iteration])
+    torch_seed = int(rng.integers(2**63))
+    return torch_seed, rng.random(batch_size) < hflip_prob
+
+
+class IterationBatches(torch.utils.data.Dataset):
+    """Item ``i``: the images and targets of iteration ``first + i``, decoded and flipped on the
+    CPU. A pure function of (seed, iteration), so loader workers (any number) or none give the
+    same batches, and a resumed run the batches an uninterrupted one would have had."""
+
+    def __init__(self, data: CocoDetection, seed: int, batch_size: int, hflip_prob: float, first: int, last: int) -> None:
+        self.data, self.seed, self.batch_size, self.hflip_prob = data, seed, batch_size, hflip_prob
+        self.first, self.last = first, last
+
+    def __len__(self) -> int:
+        return self.last - self.first
+
+    def __getitem__(self, item: int) -> tuple[list[torch.Tensor], list[dict]]:
+        iteration = self.first + item
+        _, flips = iteration_draws(self.seed, iteration, self.batch_size, self.hflip_prob)
+        images, targets = [], []
+        for index, flip in zip(batch_indices(self.seed, iteration, self.batch_size, len(self.data)), flips, strict=True):
+            image, target = self.data[index]
+            if flip:
+                image, target = hflip(image, target)
+            images.append(image)
+            targets.append(target)
+        return images, targets
+
+
+def iteration_loader(batches: IterationBatches, num_workers: int) -> torch.utils.data.DataLoader:
+    """``batches`` in order, decoded by ``num_workers`` processes (0: in this one), each keeping
+    two iterations in flight; one torch thread per worker, so they do not fight the model for cores."""
+    return torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        worker_init_fn=_one_thread if num_workers else None,
+        prefetch_factor=2 if num_workers else None,
+        generator=torch.Generator().manual_seed(0),  # not the global torch RNG the steps reseed
+    )
+
+
+def _one_thread(worker_id: int) -> None:
+    del worker_id
+    torch.set_num_threads(1)
+
+
+def _on_device(images: list[torch.Tensor], targets: list[dict], device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
+    return [image.to(device) for image in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
 
 
 def train_step(
@@ -371,9 +413,12 @@ def finetune(
     workdir: Path,
     *,
     metrics: Path | None = None,
+    num_workers: int = 0,
 ) -> None:
     """Train the benchmark's detector from ``weights`` (``None``: random init) on
     ``benchmark.device`` and write ``out`` (and ``metrics``: per-iteration losses and lr).
+    ``num_workers`` processes decode and flip the next batches meanwhile (0: this process does,
+    between steps); the result does not depend on it.
 
     Resumes from ``workdir/<identity key>/checkpoint_last.pt`` when present, saying so on
     stderr; saves it every ``solver.checkpoint_every`` iterations.
@@ -407,12 +452,11 @@ def finetune(
     model.train()
     log = MetricsLog(workdir / "metrics.jsonl", start)
     progress = Progress(solver.iterations, initial=start, desc=f"finetune {benchmark.name} seed {seed}")
-    for iteration in range(start, solver.iterations):
-        rng = np.random.default_rng([seed, ITERATION_STREAM, iteration])
-        torch.manual_seed(int(rng.integers(2**63)))
-        flips = rng.random(solver.batch_size) < benchmark.input.hflip_prob
-        indices = batch_indices(seed, iteration, solver.batch_size, len(data))
-        images, targets = load_batch(data, indices, flips, device)
+    batches = IterationBatches(data, seed, solver.batch_size, benchmark.input.hflip_prob, start, solver.iterations)
+    for iteration, (images, targets) in enumerate(iteration_loader(batches, num_workers), start=start):
+        torch_seed, _ = iteration_draws(seed, iteration, solver.batch_size, benchmark.input.hflip_prob)
+        torch.manual_seed(torch_seed)
+        images, targets = _on_device(images, targets, device)
         lr = lr_at(solver, iteration)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -15,7 +15,7 @@ INJECTING_ROOT = "x$(touch PWNED)y"  # relative to the workdir, where jobs run
 ODD_NAME = "my \"photo's\" $(touch PWNED) dir"
 # `{name}` or `{name.attr}` of a rule's shell command, with its format spec.
 PLACEHOLDER = re.compile(r"\{((?:input|output|log|params|wildcards|threads)(?:\.\w+)?)(:\w+)?\}")
-ALREADY_SHELL_WORDS = {"params.settings", "params.launch", "params.gpus"}  # PLAN.quoted, shlex.join
+ALREADY_SHELL_WORDS = {"params.settings", "params.launch", "params.source"}  # PLAN.quoted, shlex.join
 
 
 def odd_roots_config(tmp_path: Path) -> tuple[Path, Path]:

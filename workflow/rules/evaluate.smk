@@ -10,7 +10,7 @@ rule evaluate:
     params:
         settings=lambda w: PLAN.quoted(PLAN.benchmark(w.benchmark)),
         method=lambda w: PLAN.method_of(w.run),
-        gpus=lambda w: PLAN.gpu_args("evaluate", w.benchmark),
+        launch=lambda w: PLAN.launch_args("evaluate", w.benchmark),
     threads: PLAN.finetune_threads
     resources:
         **PLAN.rule_resources("evaluate"),
@@ -20,5 +20,5 @@ rule evaluate:
         "results/logs/evaluate/{run}/{benchmark}/seed{seed}.log",
     shell:
         "python -m regioncl.cli evaluate --settings {params.settings} --model {input.model:q} "
-        "--run {wildcards.run:q} --method {params.method:q} {params.gpus} "
+        "--run {wildcards.run:q} --method {params.method:q} {params.launch} "
         "--out {output:q} 2>&1 | tee {log:q}"

@@ -15,7 +15,7 @@ rule finetune:
         settings=lambda w: PLAN.quoted(PLAN.benchmark(w.benchmark)),
         weights=lambda w: PLAN.weights_arg(w.run, w.benchmark),
         workdir="results/work/finetune/{run}/{benchmark}/seed{seed}",
-        gpus=lambda w: PLAN.gpu_args("finetune", w.benchmark),
+        launch=lambda w: PLAN.launch_args("finetune", w.benchmark),
     threads: PLAN.finetune_threads
     resources:
         **PLAN.rule_resources("finetune"),
@@ -25,5 +25,5 @@ rule finetune:
         "results/logs/finetune/{run}/{benchmark}/seed{seed}.log",
     shell:
         "python -m regioncl.cli finetune --settings {params.settings} --weights {params.weights:q} "
-        "--seed {wildcards.seed:q} --workdir {params.workdir:q} {params.gpus} --out {output.model:q} "
+        "--seed {wildcards.seed:q} --workdir {params.workdir:q} {params.launch} --out {output.model:q} "
         "--metrics {output.metrics:q} 2>&1 | tee {log:q}"
