@@ -1,5 +1,6 @@
 """Where a stage computes: the ``device`` setting shared by pretraining and the torchvision
-transfer backend (``auto``: the GPU when torch sees one, else the CPU)."""
+transfer backend (``auto``: the GPU when torch sees one, else the CPU), and the threads of the
+data loader processes that feed it."""
 
 from __future__ import annotations
 
@@ -19,3 +20,10 @@ def wants_cuda(device: str, where: str = "device") -> bool:
             "expected 'auto' or 'cpu' on this machine"
         )
     return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+def one_thread_per_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: one torch thread per loader process, so that N workers use
+    N cores instead of N times all of them, fighting the training process for the CPU."""
+    del worker_id
+    torch.set_num_threads(1)

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from regioncl.augment import ViewOutput, view_output
 from regioncl.data.shards import ShardStream
+from regioncl.device import one_thread_per_worker
 
 MakeViews = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
 
@@ -66,12 +67,6 @@ def _keep_item(item: Any) -> Any:
     return item
 
 
-def _one_thread_per_worker(worker_id: int) -> None:
-    # Workers run PIL and small tensor ops; torch's default thread pool per worker would
-    # oversubscribe the cores the training step needs.
-    torch.set_num_threads(1)
-
-
 def make_loader(views: ViewStream, num_workers: int, seed: int, *, step_items: int = 1) -> DataLoader:
     """Items one by one (batched in the main process, so per-worker leftovers never make short batches).
 
@@ -84,7 +79,7 @@ def make_loader(views: ViewStream, num_workers: int, seed: int, *, step_items: i
         collate_fn=_keep_item,
         num_workers=num_workers,
         prefetch_factor=max(2, math.ceil(step_items / num_workers)) if num_workers else None,
-        worker_init_fn=_one_thread_per_worker,
+        worker_init_fn=one_thread_per_worker,
         # Worker base seeds come from this generator, not from the global torch RNG that resume restores.
         generator=torch.Generator().manual_seed(seed),
     )

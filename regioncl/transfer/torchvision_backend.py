@@ -40,7 +40,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from regioncl.convert import has_fpn_norm, module_of, select_modules
 from regioncl.curves import MetricsLog
-from regioncl.device import wants_cuda
+from regioncl.device import one_thread_per_worker, wants_cuda
 from regioncl.io import atomic_path
 from regioncl.progress import Progress
 from regioncl.transfer.benchmarks import BenchmarkSettings, SolverSettings
@@ -353,15 +353,10 @@ def iteration_loader(batches: IterationBatches, num_workers: int) -> torch.utils
         batch_size=None,
         shuffle=False,
         num_workers=num_workers,
-        worker_init_fn=_one_thread if num_workers else None,
+        worker_init_fn=one_thread_per_worker if num_workers else None,
         prefetch_factor=2 if num_workers else None,
         generator=torch.Generator().manual_seed(0),  # not the global torch RNG the steps reseed
     )
-
-
-def _one_thread(worker_id: int) -> None:
-    del worker_id
-    torch.set_num_threads(1)
 
 
 def _on_device(images: list[torch.Tensor], targets: list[dict], device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
