@@ -8,7 +8,7 @@ import io
 import json
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,18 @@ def write_shards(directory: Path, num_images: int = 12, per_shard: int = 7) -> l
         path = directory / f"shard{len(paths)}.tar"
         paths.append(write_image_shard(path, images, first_index=first, boxes=[(1.0, 2.0, 20.0, 30.0)]))
     return paths
+
+
+def noise_image(seed: int, width: int, height: int) -> Image.Image:
+    """Uniform RGB noise of ``width`` x ``height`` px drawn from ``seed``."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+def views_batch(method, size: int, seed: int, image: Callable[[int], Image.Image]) -> dict:
+    """A batch as the engine builds it: samples ``k{i}`` with images ``image(seed + i)`` through
+    the method's ``make_views`` (view rng seeded ``seed + i``), then its ``collate``."""
+    samples = [{"key": f"k{i}", "image": image(seed + i)} for i in range(size)]
+    return method.collate([method.make_views(s, np.random.default_rng(seed + i)) for i, s in enumerate(samples)])
 
 
 def metric_values(workdir: Path, key: str = "loss") -> list[float]:

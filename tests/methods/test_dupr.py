@@ -22,8 +22,10 @@ from pretrain_runs import (  # tests/pretrain_runs.py
     converted_weights_finetune,
     metric_values,
     newest_model_state,
+    noise_image,
     spawn_two_ranks,
     stopped_and_resumed_run_equals_straight_run,
+    views_batch,
     write_image_shard,
 )
 
@@ -42,12 +44,11 @@ def _method(queue_size: int = 32, **overrides) -> Dupr:
 
 
 def _image(seed: int, width: int = 80, height: int = 64) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+    return noise_image(seed, width, height)
 
 
 def _batch(method: Dupr, size: int, seed: int = 0) -> dict:
-    samples = [{"key": f"k{i}", "image": _image(seed + i)} for i in range(size)]
-    return method.collate([method.make_views(s, np.random.default_rng(seed + i)) for i, s in enumerate(samples)])
+    return views_batch(method, size, seed, _image)
 
 
 def _moved_key_encoder(method: Dupr) -> Dupr:
