@@ -43,6 +43,14 @@ def test_tiny_config_plans_without_errors():
     assert list(WorkflowPlan(tiny_config(), check_datasets=False).runs) == ["moco_v2_r18_2ep"]
 
 
+def test_finetune_num_workers_reaches_finetune_jobs_only():
+    benchmark = "embedded_frcnn_r18fpn"  # torchvision: no GPU count either
+    assert WorkflowPlan(tiny_config(), check_datasets=False).launch_args("finetune", benchmark) == ""
+    plan = WorkflowPlan(tiny_config(finetune={"num_workers": 3}), check_datasets=False)
+    assert plan.launch_args("finetune", benchmark) == "--num-workers 3"
+    assert plan.launch_args("evaluate", benchmark) == ""
+
+
 def test_a_string_for_a_number_is_an_error_naming_the_key():
     with pytest.raises(TypeError, match=r"BenchmarkSettings\.solver\.lr: expected a number, got '0\.01'"):
         BenchmarkSettings.from_dict({"name": "b", "dataset": {"root": "."}, "solver": {"lr": "0.01"}})
