@@ -39,8 +39,7 @@ rule all:
         TABLES,
         PAPER_TABLES,
         CURVE_PLOTS,
-        PLAN.shards_of(PLAN.pretrain_dataset),
-        f"results/proposals/{PLAN.pretrain_dataset}/stats.json",
+        PLAN.pretrain_data_products(),
         PLAN.converted_weights(),
         PROBES,
     default_target: True

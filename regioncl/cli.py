@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detectron2", type=Path, required=True)
     p.set_defaults(func=_cmd_convert)
 
-    p = stages.add_parser("finetune", help="finetune a detector on a benchmark")
+    p = stages.add_parser("finetune", help="finetune a detector (or a segmentation FCN) on a benchmark")
     p.add_argument("--settings", type=_settings, required=True)
     p.add_argument("--weights", type=_weights, required=True, help="converted weights (.tv.pth or .d2.pkl), or 'none'")
     p.add_argument("--seed", type=int, default=0)
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--num-workers", type=int, help="data loader workers")
     p.set_defaults(func=_cmd_finetune)
 
-    p = stages.add_parser("evaluate", help="COCO-style AP of a finetuned detector")
+    p = stages.add_parser("evaluate", help="COCO-style AP of a finetuned detector (mIoU of an FCN)")
     p.add_argument("--settings", type=_settings, required=True)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--run", required=True)

@@ -44,6 +44,9 @@ class RunSpec:
     epochs: int
     dataset: str
     settings: dict[str, Any]  # PretrainSettings.from_dict input, fully resolved
+    # The only benchmarks it is finetuned on (None: every selected benchmark of its arch), e.g.
+    # a COCO-pretrained run that feeds one table of a paper.
+    benchmarks: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,13 @@ def use_package_from(source_root: str) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join([source_root, current] if current else [source_root])
 
 
-def run_name(method: str, arch: str, epochs: int) -> str:
+def run_name(method: str, arch: str, epochs: int, dataset: str | None = None) -> str:
+    """``{method}_{arch}_{epochs}ep``, and ``_{dataset}`` for a run on another dataset than
+    ``pretrain_data.dataset`` (``dataset=None``): run names are the identities of results, so
+    the default dataset's runs keep their names as datasets are added."""
     if arch not in ARCH_SHORT_NAMES:
         raise ConfigError(f"pretrain.runs: arch {arch!r} is not one of {sorted(ARCH_SHORT_NAMES)}")
-    return f"{method}_{ARCH_SHORT_NAMES[arch]}_{epochs}ep"
+    return f"{method}_{ARCH_SHORT_NAMES[arch]}_{epochs}ep" + (f"_{dataset}" if dataset else "")
 
 
 class WorkflowPlan:
@@ -83,7 +89,8 @@ class WorkflowPlan:
 
         data = config["pretrain_data"]
         self.pretrain_dataset = self._known_dataset(data["dataset"], "pretrain_data.dataset")
-        self._num_chunks = {self.pretrain_dataset: int(data["chunks"])}
+        self._chunks_per_dataset = isinstance(data["chunks"], dict)
+        self._num_chunks = self._resolve_chunks(data["chunks"])
 
         proposals = config["proposals"]
         self.proposal_processes = int(proposals.get("processes", 1))
@@ -97,7 +104,7 @@ class WorkflowPlan:
         pretrain = config["pretrain"]
         self.pretrain_nproc_per_node = int(pretrain.get("nproc_per_node", 1))
         self.pretrain_threads = int(pretrain.get("threads", max(1, self.pretrain_nproc_per_node)))
-        self.runs = self._resolve_runs(pretrain, config.get("methods", {}))
+        self.runs = self._resolve_runs(pretrain, config.get("methods", {}), set(config.get("benchmarks", {})))
 
         self.finetune_threads = int(finetune.get("threads", 1))
         self.finetune_workers: int | None = finetune.get("num_workers")
@@ -124,7 +131,37 @@ class WorkflowPlan:
             raise ConfigError(f"{key}: dataset {name!r} is not defined under `datasets` ({sorted(self.datasets)})")
         return name
 
-    def _resolve_runs(self, pretrain: dict[str, Any], methods: dict[str, Any]) -> dict[str, RunSpec]:
+    def _resolve_chunks(self, chunks: int | dict[str, int]) -> dict[str, int]:
+        """``pretrain_data.chunks``: the proposal and shard jobs of each pretraining dataset. A
+        count chunks the default dataset only; ``{dataset: count}`` names every chunked dataset,
+        the default among them."""
+        from regioncl.data.sources import EXPECTED_LAYOUT
+
+        if self._chunks_per_dataset:
+            counts = {name: int(count) for name, count in chunks.items()}
+        else:
+            counts = {self.pretrain_dataset: int(chunks)}
+        if self.pretrain_dataset not in counts:
+            raise ConfigError(
+                f"pretrain_data.dataset: {self.pretrain_dataset!r} has no count under pretrain_data.chunks "
+                f"({sorted(counts)}); the default dataset is chunked too"
+            )
+        for name in counts:
+            layout = self.datasets[self._known_dataset(name, self._chunks_key(name))].layout
+            # A benchmark-only layout (voc, cityscapes, lvis) has no image lister: fail now, not at its job.
+            if layout not in EXPECTED_LAYOUT:
+                raise ConfigError(
+                    f"{self._chunks_key(name)}: dataset {name!r} has layout {layout!r}, which cannot be listed "
+                    f"for pretraining; expected one of {list(EXPECTED_LAYOUT)}"
+                )
+        return counts
+
+    def _chunks_key(self, dataset: str) -> str:
+        return f"pretrain_data.chunks.{dataset}" if self._chunks_per_dataset else "pretrain_data.chunks"
+
+    def _resolve_runs(
+        self, pretrain: dict[str, Any], methods: dict[str, Any], benchmarks: set[str]
+    ) -> dict[str, RunSpec]:
         from regioncl.methods import available_methods
 
         implemented = available_methods()
@@ -140,19 +177,33 @@ class WorkflowPlan:
                 raise ConfigError(
                     f"{key}.method: method {method!r} is not implemented; implemented: {sorted(implemented)}"
                 )
-            settings = {**defaults, **{k: v for k, v in entry.items() if k not in ("name", "dataset")}}
+            # What the run is trained on and finetuned on is the plan's; the rest is the engine's.
+            settings = {**defaults, **{k: v for k, v in entry.items() if k not in ("name", "dataset", "benchmarks")}}
             settings["method_params"] = {**methods.get(method, {}), **entry.get("method_params", {})}
             arch = settings.get("arch", "resnet50")
             epochs = int(settings["epochs"])
-            name = entry.get("name") or run_name(method, arch, epochs)
+            dataset = self._known_dataset(entry.get("dataset", self.pretrain_dataset), f"{key}.dataset")
+            if dataset not in self._num_chunks:
+                raise ConfigError(
+                    f"{key}.dataset: {dataset!r} is not chunked for pretraining; add it to pretrain_data.chunks "
+                    f"(chunked: {sorted(self._num_chunks)})"
+                )
+            other_dataset = None if dataset == self.pretrain_dataset else dataset
+            name = entry.get("name") or run_name(method, arch, epochs, other_dataset)
             if name in runs:
                 raise ConfigError(f"{key}: run name {name!r} is used twice")
             if name in BASELINE_RUNS:
                 raise ConfigError(f"{key}: run name {name!r} is a baseline's; choose another `name`")
-            dataset = self._known_dataset(entry.get("dataset", self.pretrain_dataset), f"{key}.dataset")
-            if dataset not in self._num_chunks:
-                raise ConfigError(f"{key}.dataset: only pretrain_data.dataset ({self.pretrain_dataset}) is chunked")
-            runs[name] = RunSpec(name=name, method=method, arch=arch, epochs=epochs, dataset=dataset, settings=settings)
+            only = entry.get("benchmarks")
+            unknown = sorted(set(only or ()) - benchmarks)
+            if unknown:
+                raise ConfigError(
+                    f"{key}.benchmarks: {unknown} is not defined under `benchmarks` ({sorted(benchmarks)})"
+                )
+            runs[name] = RunSpec(
+                name=name, method=method, arch=arch, epochs=epochs, dataset=dataset, settings=settings,
+                benchmarks=None if only is None else tuple(only),
+            )
         return runs
 
     @staticmethod
@@ -230,7 +281,11 @@ class WorkflowPlan:
             allowed = self._benchmark_methods[benchmark]
             baselines = [b for b in self.baselines if allowed is None or b in allowed]
             runs = [self._baseline_run(b, benchmark) for b in baselines]
-            runs += [r.name for r in self.runs.values() if r.arch == settings["arch"] and (allowed is None or r.method in allowed)]
+            runs += [
+                r.name for r in self.runs.values()
+                if r.arch == settings["arch"] and (allowed is None or r.method in allowed)
+                and (r.benchmarks is None or benchmark in r.benchmarks)
+            ]
             # A registered protocol fixes its seeds (VOC: 5 runs, as the papers average);
             # otherwise the workflow's `finetune.seeds`.
             seeds = registered_seeds(settings) or finetune.get("seeds", [0])
@@ -262,10 +317,13 @@ class WorkflowPlan:
         batches and chunks fit the images (where the image count is known before any job)."""
         from regioncl.engine import PretrainSettings
 
-        dataset, chunks = self.pretrain_dataset, self._num_chunks[self.pretrain_dataset]
-        images = self._image_count(dataset)
-        if images is not None and chunks > images:
-            raise ConfigError(f"pretrain_data.chunks: {chunks} chunks of the {images} images of {dataset!r}; expected <= {images}")
+        for dataset, chunks in self._num_chunks.items():
+            images = self._image_count(dataset)
+            if images is not None and chunks > images:
+                raise ConfigError(
+                    f"{self._chunks_key(dataset)}: {chunks} chunks of the {images} images of {dataset!r}; "
+                    f"expected <= {images}"
+                )
         for run in self.runs.values():
             settings = PretrainSettings.from_dict(run.settings)
             queue = getattr(settings.method_params, "queue_size", None)  # methods with a key queue
@@ -301,7 +359,8 @@ class WorkflowPlan:
         return EmbeddedSettings.from_dict(self.embedded_settings).n_unlabeled
 
     def _datasets_in_use(self) -> set[str]:
-        used = {r.dataset for r in self.runs.values()}
+        used = set(self._num_chunks)  # the workflow's targets include every chunked dataset's shards
+        used |= {r.dataset for r in self.runs.values()}
         used |= {settings["dataset_name"] for settings in self.benchmarks.values()}
         return used
 
@@ -337,6 +396,14 @@ class WorkflowPlan:
 
     def shards_of(self, dataset: str) -> list[str]:
         return [f"results/shards/{dataset}/{chunk}.tar" for chunk in self.chunks(dataset)]
+
+    def pretrain_data_products(self) -> list[str]:
+        """Shards and proposal statistics of every chunked pretraining dataset (products users
+        keep, so workflow targets, whether or not a run reads them yet)."""
+        return [
+            path for dataset in self._num_chunks
+            for path in [*self.shards_of(dataset), f"results/proposals/{dataset}/stats.json"]
+        ]
 
     def weights_inputs(self, run: str, benchmark: str) -> list[str]:
         """The converted weights a finetune loads: the format of the benchmark's backend (none

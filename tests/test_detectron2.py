@@ -26,13 +26,14 @@ from detectron2.modeling import build_model
 from regioncl.convert import convert_checkpoint
 from regioncl.data.embedded import EmbeddedSettings, generate_embedded
 from regioncl.data.layouts import DatasetSpec
+from regioncl.methods import get_method
 from regioncl.transfer import detectron2_backend
 from regioncl.transfer.benchmarks import BenchmarkSettings
 from regioncl.transfer.detectron2_config import dataset_names, detectron2_options
 from regioncl.transfer.identity import finetune_identity
 from regioncl.transfer.loading import DETECTRON2_BACKBONE_KEY, detectron2_load_check, shapes_of
 from regioncl.transfer.registry import resolve_benchmark
-from regioncl.weights import read_detectron2_weights, write_detectron2_weights
+from regioncl.weights import read_detectron2_weights, write_detectron2_weights, write_pretrained_checkpoint
 
 FIXTURE_COCO = Path(__file__).parent / "fixtures" / "datasets" / "coco"
 # Smallest settings that still run every part of a detector on the CPU: few RoIs (the C4 head
@@ -194,11 +195,10 @@ def test_finetune_refuses_weights_without_a_backbone_tensor_naming_it(tmp_path, 
     assert not (tmp_path / "m.pt").exists()
 
 
-def test_soco_fpn_and_box_head_fill_the_detector(tmp_path):
-    bench = benchmark("soco", fpn_norm="bn", box_head="4conv1fc", head_norm="bn")
-    cfg = detectron2_backend.build_cfg(bench, num_classes=1)
-    model = build_model(cfg)
-    state = model.state_dict()
+def soco_weights(directory: Path, cfg) -> tuple[Path, dict, dict]:
+    """SoCo-like converted weights for the detector of ``cfg``: (the ``.pkl``, its FPN and its
+    box head as the detector names them, without prefix, random values)."""
+    state = build_model(cfg).state_dict()
     fpn = {
         k.removeprefix("backbone."): v.clone().normal_() if v.is_floating_point() else v
         for k, v in state.items() if k.startswith("backbone.fpn_")
@@ -214,10 +214,17 @@ def test_soco_fpn_and_box_head_fill_the_detector(tmp_path):
         block = "inner_blocks" if kind.startswith("fpn_lateral") else "layer_blocks"
         level = int(kind[-1]) - 2
         tv_fpn[f"{block}.{level}." + ("1." + rest.removeprefix("norm.") if rest.startswith("norm.") else "0." + rest)] = value
-    ckpt = write_pretrained(tmp_path / "ckpt.pt", {"fpn": tv_fpn, "box_head": head})
-    convert_checkpoint(ckpt, tmp_path / "w.tv.pth", tmp_path / "w.d2.pkl")
+    ckpt = write_pretrained(directory / "ckpt.pt", {"fpn": tv_fpn, "box_head": head})
+    convert_checkpoint(ckpt, directory / "w.tv.pth", directory / "w.d2.pkl")
+    return directory / "w.d2.pkl", fpn, head
+
+
+def test_soco_fpn_and_box_head_fill_the_detector(tmp_path):
+    bench = benchmark("soco", fpn_norm="bn", box_head="4conv1fc", head_norm="bn")
+    cfg = detectron2_backend.build_cfg(bench, num_classes=1)
+    pkl, fpn, head = soco_weights(tmp_path, cfg)
     detector = build_model(cfg)
-    keys = incompatible_keys(detector, tmp_path / "w.d2.pkl")
+    keys = incompatible_keys(detector, pkl)
     assert not [k for k in keys.missing_keys if k.startswith(("backbone.", "roi_heads.box_head."))]
     assert keys.unexpected_keys == [] and keys.incorrect_shapes == []
     loaded = detector.state_dict()
@@ -225,6 +232,79 @@ def test_soco_fpn_and_box_head_fill_the_detector(tmp_path):
     assert len(fpn) == 8 * 6 and len(head) == 4 * 6 + 2
     assert all(torch.equal(loaded[f"backbone.{k}"], v) for k, v in fpn.items())
     assert all(torch.equal(loaded[f"roi_heads.box_head.{k}"], v) for k, v in head.items())
+
+
+def test_a_2fc_detector_keeps_its_own_head_with_soco_weights(tmp_path):
+    """A 2fc head's fc1 has the 4conv1fc head's fc1 shape (FC_DIM x C*7*7), so detectron2's
+    suffix matching alone would load it; the backend hands it only the detector's modules."""
+    soco = detectron2_backend.build_cfg(benchmark("soco", fpn_norm="bn", box_head="4conv1fc", head_norm="bn"), num_classes=1)
+    pkl, fpn, head = soco_weights(tmp_path, soco)
+    bench = benchmark("two_fc", fpn_norm="bn")
+    cfg = detectron2_backend.build_cfg(bench, num_classes=1)
+    assert build_model(cfg).state_dict()["roi_heads.box_head.fc1.weight"].shape == head["fc1.weight"].shape
+    unfiltered = build_model(cfg)
+    incompatible_keys(unfiltered, pkl)
+    assert torch.equal(unfiltered.state_dict()["roi_heads.box_head.fc1.weight"], head["fc1.weight"])  # the hazard
+
+    kept, left_out = detectron2_backend.pretrained_for(bench, pkl, read_detectron2_weights(pkl)["model"])
+    assert left_out == sorted(f"box_head.{k}" for k in head if not k.endswith("num_batches_tracked"))
+    write_detectron2_weights(tmp_path / "kept.d2.pkl", {**read_detectron2_weights(pkl), "model": kept})
+    detector = build_model(cfg)
+    initial = {k: v.clone() for k, v in detector.state_dict().items() if k.startswith("roi_heads.box_head.")}
+    keys = incompatible_keys(detector, tmp_path / "kept.d2.pkl")
+    assert keys.unexpected_keys == [] and keys.incorrect_shapes == []
+    assert not [k for k in keys.missing_keys if k.startswith("backbone.")]
+    loaded = detector.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in initial.items())  # the 2fc head as initialised
+    assert all(torch.equal(loaded[f"backbone.{k}"], v) for k, v in fpn.items())
+
+
+def resim_fpn_weights(directory: Path, fpn_norm: str) -> tuple[Path, dict[str, numpy.ndarray]]:
+    """A ``resim_fpn`` R50 checkpoint (FPN laterals on C3-C5, outputs on P3-P4, 32 wide; every
+    FPN tensor random, so that a loaded one cannot equal the detector's init by chance),
+    converted by ``regioncl.convert``: (the ``.pkl``, its tensors)."""
+    cls = get_method("resim_fpn")
+    torch.manual_seed(0)
+    method = cls(cls.Params(fpn_channels=CPU_HEADS["fpn_channels"], fpn_norm=fpn_norm, hidden_dim=32, queue_size=16), arch="resnet50")
+    backbone, transfer = method.transfer_state()
+    transfer = {"fpn": {k: v.clone().normal_() if v.is_floating_point() else v for k, v in transfer["fpn"].items()}}
+    write_pretrained_checkpoint(directory / "ckpt.pt", method="resim_fpn", arch="resnet50", steps=1, epochs=1,
+                                backbone=backbone, transfer=transfer, config={})
+    convert_checkpoint(directory / "ckpt.pt", directory / "w.tv.pth", directory / "w.d2.pkl")
+    return directory / "w.d2.pkl", read_detectron2_weights(directory / "w.d2.pkl")["model"]
+
+
+@pytest.mark.parametrize(
+    ("model", "fpn_norm", "fpn_missing"),
+    [
+        ("mask_rcnn", "bn", {"fpn_lateral2", "fpn_output2", "fpn_output5"}),
+        ("mask_rcnn", "none", {"fpn_lateral2", "fpn_output2", "fpn_output5"}),
+        ("retinanet", "bn", {"fpn_output5", "top_block"}),  # its FPN starts at C3 too; P6-P7 convs on top
+    ],
+)
+def test_resim_fpn_from_c3_fills_the_detector_levels_it_has(tmp_path, model, fpn_norm, fpn_missing):
+    """ReSim-FPN^T's FPN (C3 on, outputs P3-P4) lands in detectron2's FPN blocks of those levels:
+    the backend's check (``pretrained_for``) keeps every tensor and reports nothing, and
+    detectron2 loads them all, its other FPN blocks (P2, P5 outputs; RetinaNet's P6-P7 convs) the
+    only backbone keys missing."""
+    pkl, converted = resim_fpn_weights(tmp_path, fpn_norm)
+    blocks = {k.split(".")[0] for k in converted if k.startswith("fpn_")}
+    assert blocks == {"fpn_lateral3", "fpn_lateral4", "fpn_lateral5", "fpn_output3", "fpn_output4"}
+    bench = benchmark("resim", model=model, fpn_norm=fpn_norm)
+    assert bench.pretrained_modules == ("backbone", "fpn")
+    kept, left_out = detectron2_backend.pretrained_for(bench, pkl, converted)
+    assert left_out == [] and kept.keys() == converted.keys()
+
+    detector = build_model(detectron2_backend.build_cfg(bench, num_classes=1))
+    keys = incompatible_keys(detector, pkl)
+    assert keys.unexpected_keys == [] and keys.incorrect_shapes == []
+    assert {k.split(".")[1] for k in keys.missing_keys if k.startswith("backbone.")} == fpn_missing
+    loaded = detector.state_dict()
+    place = {k: f"backbone.{k}" if k.startswith("fpn_") else f"backbone.bottom_up.{k}" for k in converted}
+    assert [k for k, v in converted.items() if not torch.equal(loaded[place[k]], torch.from_numpy(v))] == []
+    per_conv = 5 if fpn_norm == "bn" else 2  # weight + BN's 4 tensors (its counter dropped), or weight + bias
+    assert len([k for k in converted if k.startswith("fpn_")]) == 5 * per_conv
+    assert len(resnet_keys(detector)) == 265 == len(converted) - 5 * per_conv
 
 
 @pytest.mark.parametrize(
@@ -323,13 +403,15 @@ def test_pkl_records_method_for_the_metrics(weights):
 FIXTURE_CITYSCAPES = Path(__file__).parent / "fixtures" / "datasets" / "cityscapes"
 
 
-@pytest.mark.parametrize(("predict_ground_truth", "expected_ap50"), [(True, 100.0), (False, 0.0)])
-def test_cityscapes_evaluator_scores_through_the_import_alias(tmp_path, monkeypatch, predict_ground_truth, expected_ap50):
+@pytest.mark.parametrize(("prediction", "expected_ap50"), [("ground_truth", 100.0), ("nothing", 0.0), ("on_void", 0.0)])
+def test_cityscapes_evaluator_scores_through_the_import_alias(tmp_path, monkeypatch, prediction, expected_ap50):
     """detectron2's evaluator imports cityscapesscripts under Meta's internal path (issue
-    5436); with the alias it scores the fixture's one car: its own mask is a perfect match."""
+    5436); with the alias it scores the fixture's one car: its own mask is a perfect match. A
+    car predicted only on void pixels (all the fixture's other pixels) is ignored, which left
+    cityscapesscripts nothing to rank (its issue 89, an IndexError): the car is missed, AP 0."""
     pytest.importorskip("cityscapesscripts")
     from detectron2.data import DatasetCatalog
-    from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
+    from detectron2.structures import BitMasks, Instances, PolygonMasks
 
     dataset = {"root": str(FIXTURE_CITYSCAPES), "format": "cityscapes", "train_json": "gtFine/train",
                "train_images": "leftImg8bit/train", "val_json": "gtFine/val", "val_images": "leftImg8bit/val"}
@@ -340,11 +422,12 @@ def test_cityscapes_evaluator_scores_through_the_import_alias(tmp_path, monkeypa
     evaluator = detectron2_backend.build_evaluator(bench, val_name, tmp_path)
     evaluator.reset()
     instances = Instances((image["height"], image["width"]))
-    if predict_ground_truth:
-        (car,) = image["annotations"]
-        polygons = PolygonMasks([car["segmentation"]])
-        instances.pred_masks = BitMasks.from_polygon_masks(polygons, image["height"], image["width"]).tensor
-        instances.pred_boxes = Boxes(polygons.get_bounding_boxes().tensor)
+    (car,) = image["annotations"]
+    polygons = PolygonMasks([car["segmentation"]])
+    car_mask = BitMasks.from_polygon_masks(polygons, image["height"], image["width"]).tensor
+    if prediction != "nothing":
+        instances.pred_masks = car_mask if prediction == "ground_truth" else ~car_mask
+        instances.pred_boxes = BitMasks(instances.pred_masks).get_bounding_boxes()
         instances.pred_classes = torch.tensor([car["category_id"]])
         instances.scores = torch.tensor([0.9])
     else:

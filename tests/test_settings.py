@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from regioncl.config import ConfigError, WorkflowPlan
@@ -123,3 +124,111 @@ def test_the_documented_filelist_source_passes_the_schema_and_the_plan(tmp_path)
     config = tiny_config(datasets={"mine": {"layout": "filelist", "root": str(listfile)}}, pretrain_data={"dataset": "mine"})
     validate(config, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
     assert WorkflowPlan(config).pretrain_dataset == "mine"
+
+
+# A second pretraining dataset beside the embedded one (not listed: plans only, no jobs run).
+SECOND_DATASET = {"more": {"layout": "folder", "root": "/nonexistent/more"}}
+
+
+def two_dataset_plan(runs: list[dict], **overlay) -> WorkflowPlan:
+    chunks = {"chunks": {"embedded": 2, "more": 3}}
+    config = tiny_config(datasets=SECOND_DATASET, pretrain_data=chunks, pretrain={"runs": runs}, **overlay)
+    validate(config, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+    return WorkflowPlan(config, check_datasets=False)
+
+
+def test_the_one_dataset_form_chunks_the_default_dataset_only():
+    plan = WorkflowPlan(tiny_config(), check_datasets=False)
+    assert (plan.pretrain_dataset, plan.num_chunks("embedded")) == ("embedded", 2)
+    assert plan.pretrain_data_products() == [
+        "results/shards/embedded/00000.tar",
+        "results/shards/embedded/00001.tar",
+        "results/proposals/embedded/stats.json",
+    ]
+
+
+@pytest.mark.parametrize("chunks", [0, {"embedded": 0}, {}])
+def test_the_schema_refuses_no_chunks_in_either_form(chunks):
+    config = tiny_config(pretrain_data={"chunks": chunks})
+    with pytest.raises(WorkflowError, match=r"pretrain_data'\]\['properties'\]\['chunks'\]"):
+        validate(config, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+
+
+MOCO_ON_BOTH = [{"method": "moco_v2", "epochs": 2}, {"method": "moco_v2", "epochs": 2, "dataset": "more"}]
+
+
+def test_each_chunked_dataset_has_its_own_chunks_shards_and_stats():
+    plan = two_dataset_plan(MOCO_ON_BOTH)
+    assert (plan.num_chunks("embedded"), plan.num_chunks("more")) == (2, 3)
+    assert plan.proposal_files("more", ".parquet") == [f"results/proposals/more/0000{i}.parquet" for i in range(3)]
+    more_shards = [f"results/shards/more/0000{i}.tar" for i in range(3)]
+    assert plan.shards_of(plan.run("moco_v2_r18_2ep_more").dataset) == more_shards
+    stats = ["results/proposals/embedded/stats.json", "results/proposals/more/stats.json"]
+    assert set(more_shards + stats) <= set(plan.pretrain_data_products())
+
+
+def test_runs_on_another_dataset_than_the_default_are_named_after_it():
+    """Same method, arch and epochs on two datasets: two runs, the default's keeping its name."""
+    plan = two_dataset_plan(MOCO_ON_BOTH)
+    assert {name: run.dataset for name, run in plan.runs.items()} == {
+        "moco_v2_r18_2ep": "embedded", "moco_v2_r18_2ep_more": "more"
+    }
+    assert {job.run for job in plan.jobs} == {"random", "moco_v2_r18_2ep", "moco_v2_r18_2ep_more"}
+    # Naming the default dataset explicitly is the same run as not naming it.
+    on_default_twice = [MOCO_ON_BOTH[0], {**MOCO_ON_BOTH[0], "dataset": "embedded"}]
+    message = plan_error(pretrain={"runs": on_default_twice})
+    assert message == "pretrain.runs[1]: run name 'moco_v2_r18_2ep' is used twice"
+
+
+def test_an_explicit_name_that_takes_another_runs_name_is_an_error():
+    with pytest.raises(ConfigError, match=r"pretrain\.runs\[1\]: run name 'moco_v2_r18_2ep_more' is used twice"):
+        two_dataset_plan([
+            {"method": "moco_v2", "epochs": 2, "dataset": "more"},
+            {"method": "moco_v2", "epochs": 3, "name": "moco_v2_r18_2ep_more"},
+        ])
+
+
+@pytest.mark.parametrize(
+    ("overlay", "expected"),
+    [
+        ({"pretrain": {"runs": [{"method": "moco_v2", "epochs": 2, "dataset": "more"}]}},
+         "pretrain.runs[0].dataset: 'more' is not chunked for pretraining; add it to pretrain_data.chunks "
+         "(chunked: ['embedded'])"),
+        ({"pretrain": {"runs": [{"method": "moco_v2", "epochs": 2, "dataset": "imagenet"}]}},
+         "pretrain.runs[0].dataset: dataset 'imagenet' is not defined under `datasets` (['embedded', 'more'])"),
+        ({"pretrain_data": {"chunks": {"embedded": 2, "coco": 3}}},
+         "pretrain_data.chunks.coco: dataset 'coco' is not defined under `datasets` (['embedded', 'more'])"),
+        ({"pretrain_data": {"chunks": {"more": 3}}},
+         "pretrain_data.dataset: 'embedded' has no count under pretrain_data.chunks (['more']); "
+         "the default dataset is chunked too"),
+        ({"pretrain_data": {"chunks": {"embedded": 25, "more": 3}}},
+         "pretrain_data.chunks.embedded: 25 chunks of the 24 images of 'embedded'; expected <= 24"),
+        ({"datasets": {"voc": {"layout": "voc", "root": "/nonexistent/VOC"}},
+          "pretrain_data": {"chunks": {"embedded": 2, "voc": 3}}},
+         "pretrain_data.chunks.voc: dataset 'voc' has layout 'voc', which cannot be listed for pretraining; "
+         "expected one of ['folder', 'imagenet', 'coco', 'embedded', 'filelist']"),
+    ],
+)  # fmt: skip
+def test_pretrain_data_errors_name_the_key_and_what_is_chunked(overlay, expected):
+    assert plan_error(**merged({"datasets": SECOND_DATASET}, overlay)) == expected
+
+
+def test_a_runs_benchmarks_limit_its_finetunes_and_must_be_defined():
+    first = tiny_config()["benchmarks"]["embedded_frcnn_r18fpn"]
+    two_benchmarks = {
+        # `unselected` is defined but not in finetune.benchmarks: skipped, like any unselected benchmark
+        "benchmarks": {"second": first, "unselected": first},
+        "finetune": {"benchmarks": ["embedded_frcnn_r18fpn", "second"]},
+    }
+    runs = [
+        {"method": "moco_v2", "epochs": 2},
+        {"method": "moco_v2", "epochs": 2, "dataset": "more", "benchmarks": ["second", "unselected"]},
+    ]
+    plan = two_dataset_plan(runs, **two_benchmarks)
+    finetuned = {(job.run, job.benchmark) for job in plan.jobs if job.run != "random"}
+    assert finetuned == {
+        ("moco_v2_r18_2ep", "embedded_frcnn_r18fpn"), ("moco_v2_r18_2ep", "second"), ("moco_v2_r18_2ep_more", "second")
+    }
+    assert "benchmarks" not in plan.run("moco_v2_r18_2ep_more").settings  # the plan's, not the engine's
+    with pytest.raises(ConfigError, match=r"pretrain\.runs\[0\]\.benchmarks: \['secnd'\] is not defined under"):
+        two_dataset_plan([{"method": "moco_v2", "epochs": 2, "benchmarks": ["secnd"]}], **two_benchmarks)

@@ -38,8 +38,9 @@ def missing_backends(benchmark_backends: Mapping[str, str]) -> list[str]:
 
 
 def backend_module(benchmark: BenchmarkSettings, launch: Mapping[str, object]) -> ModuleType:
-    """The benchmark's backend module, imported now (detectron2 only when asked for), after
-    checking that it takes the ``launch`` options given."""
+    """The benchmark's backend module for its task (detection, or semantic segmentation:
+    ``regioncl.transfer.semseg``), imported now (detectron2 only when asked for), after checking
+    that it takes the ``launch`` options given."""
     backend = BACKENDS[benchmark.backend]
     unknown = sorted(set(launch) - set(backend.launch_options))
     if unknown:
@@ -49,7 +50,7 @@ def backend_module(benchmark: BenchmarkSettings, launch: Mapping[str, object]) -
             "benchmark's device setting)"
         )
     try:
-        return importlib.import_module(backend.module)
+        return importlib.import_module(backend.modules[benchmark.task])
     except ModuleNotFoundError as error:
         if backend.package is None or error.name != backend.package:
             raise
@@ -84,6 +85,6 @@ def evaluate(
     method: str | None = None,
     **launch: int | str,
 ) -> dict:
-    """Score the finetuned detector with the backend's evaluator; returns the written record.
+    """Score the finetuned model with the backend's evaluator; returns the written record.
     ``launch`` (detectron2 only): ``num_gpus`` > 0 evaluates on the GPU (default: the CPU)."""
     return backend_module(benchmark, launch).evaluate(benchmark, model_path, out, run=run, method=method, **launch)

@@ -23,11 +23,18 @@ weights, launch options, installation) that ``regioncl.transfer.backends`` dispa
 
 On the CPU a config sets slim heads (e.g. ``heads: {fpn_channels: 64, box_head_dim: 256,
 roi_batch_size_per_image: 128}``): the same code path, smaller numbers.
+
+Besides detection (``task`` "detection"), ``model: fcn`` is semantic segmentation (``task``
+"sem_seg"): MoCo's dilated FCN (``regioncl.transfer.semseg``), which PLRC's Cityscapes column
+uses, with its own settings in ``semseg``. It runs on the torchvision backend only, reads
+``coco`` (instance masks painted as classes) or ``cityscapes`` data, and rejects the detectors'
+settings by name when they are set.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +44,9 @@ from regioncl.data.layouts import DATASET_FORMATS, SPLIT_PATHS
 from regioncl.device import DEVICES
 from regioncl.settings import Settings, bounded
 
-MODEL_FAMILIES = ("faster_rcnn", "mask_rcnn", "retinanet")
+# Each model family and the task it solves (which decides the backend module, the data and the metrics).
+MODEL_TASKS = {"faster_rcnn": "detection", "mask_rcnn": "detection", "retinanet": "detection", "fcn": "sem_seg"}
+MODEL_FAMILIES = tuple(MODEL_TASKS)
 NORMS = ("bn", "frozen_bn", "syncbn")
 EXTRA_NORMS = ("none", "bn", "syncbn")  # norms added to the FPN / RoI heads ("none": no norm)
 BOX_HEADS = ("2fc", "4conv1fc")  # detectron2 FastRCNNConvFCHead: 0 conv + 2 fc, or 4 conv + 1 fc
@@ -53,28 +62,35 @@ DETECTRON2_COMMIT = "02b5c4e295e990042a714712c21dc79b731e8833"
 @dataclass(frozen=True)
 class Backend:
     """A finetuning backend (``BenchmarkSettings.backend`` names one; ``regioncl.transfer.
-    backends`` dispatches to it): its module (exposing ``finetune`` and ``evaluate`` with the same
-    signatures), the converted weights it loads (rule convert writes both), the launch options
-    its two functions take besides the common ones, and, for a backend outside
+    backends`` dispatches to it): its module per task it solves (each exposing ``finetune`` and
+    ``evaluate`` with the same signatures), why it lacks the other tasks (``lacks``, said when a
+    benchmark asks for one), the converted weights it loads (rule convert writes both), the launch
+    options its two functions take besides the common ones, and, for a backend outside
     requirements.lock, the package that must import and how to install it."""
 
-    module: str
+    modules: Mapping[str, str]
     weights_suffix: str
     launch_options: tuple[str, ...] = ()
     package: str | None = None
     install: str = ""
+    lacks: Mapping[str, str] = field(default_factory=dict)
 
 
 BACKENDS = {
-    "torchvision": Backend("regioncl.transfer.torchvision_backend", ".tv.pth", launch_options=("num_workers",)),
+    "torchvision": Backend(
+        {"detection": "regioncl.transfer.torchvision_backend", "sem_seg": "regioncl.transfer.semseg"},
+        ".tv.pth",
+        launch_options=("num_workers",),
+    ),
     "detectron2": Backend(
-        "regioncl.transfer.detectron2_backend",
+        {"detection": "regioncl.transfer.detectron2_backend"},
         ".d2.pkl",
         launch_options=("num_gpus", "num_machines", "machine_rank", "dist_url", "num_workers"),
         package="detectron2",
         install="pip install 'setuptools<81' wheel && pip install --no-build-isolation "
         f"'git+https://github.com/facebookresearch/detectron2.git@{DETECTRON2_COMMIT}' "
         "(full recipe, GPU builds included: docs/transfer.md, 'detectron2 extras')",
+        lacks={"sem_seg": "detectron2 has no dilated-FCN head (MoCo's Cityscapes recipe)"},
     ),
 }
 
@@ -223,8 +239,39 @@ class EvalSettings(Settings):
 
 
 @dataclass(frozen=True)
+class SemSegSettings(Settings):
+    """The dilated FCN's head and training crops (``model: fcn``; ``regioncl.transfer.semseg``).
+
+    Training resizes each image by a factor drawn uniformly from ``scale_range``, then takes a
+    ``crop_size`` square (padded with the ignore label where the image is smaller) and flips it
+    with ``input.hflip_prob``; evaluation sees whole images at their own size."""
+
+    head_channels: int = bounded(256, ge=1)  # the two 3x3 convs after res5
+    head_dilation: int = bounded(6, ge=1)
+    crop_size: int = bounded(769, ge=1)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+
+    def __post_init__(self) -> None:
+        low, high = self.scale_range
+        if not 0 < low <= high:
+            raise ValueError(f"semseg.scale_range: expected [low, high] with 0 < low <= high, got {list(self.scale_range)}")
+
+
+# Settings only the detectors read: a semantic-segmentation benchmark must leave them at their
+# defaults, so none is set in a config and silently ignored.
+DETECTION_ONLY = (
+    "fpn", "fpn_norm", "box_head", "head_norm", "res5_extra_norm", "precise_bn", "sampler",
+    "repeat_threshold", "train_fraction", "subset_seed", "heads", "input.min_size", "input.max_size",
+    "input.min_size_sampling", "input.min_size_test", "input.max_size_test", "eval.score_threshold",
+    "eval.detections_per_image", "eval.batch_size",
+)
+SEMSEG_FORMATS = ("coco", "cityscapes")  # instance masks painted as classes; Cityscapes' label ids
+
+
+@dataclass(frozen=True)
 class BenchmarkSettings(Settings):
-    """One transfer benchmark. ``model`` is the detector family; ``fpn`` false builds the C4
+    """One transfer benchmark. ``model`` is the detector family (or ``fcn``, semantic
+    segmentation: ``task``); ``fpn`` false builds the C4
     variant (res5 as the RoI head); ``norm`` the backbone's norm: ``bn`` (trainable BatchNorm),
     ``syncbn`` (the same, synchronised across processes) or ``frozen_bn`` (torchvision's default
     for ImageNet-supervised weights). ``protocol`` names the registry entry it came from."""
@@ -256,10 +303,16 @@ class BenchmarkSettings(Settings):
     input: InputSettings = field(default_factory=InputSettings)
     solver: SolverSettings = field(default_factory=SolverSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    semseg: SemSegSettings = field(default_factory=SemSegSettings)  # model fcn only
 
     def __post_init__(self) -> None:
         _check_choice("backend", self.backend, tuple(BACKENDS))
         _check_choice("model", self.model, MODEL_FAMILIES)
+        self._check_backend_solves_task()
+        if self.task == "sem_seg":
+            self._check_fcn_can_build()
+        elif self.semseg != SemSegSettings():
+            raise ValueError(f"semseg: only model 'fcn' reads it; benchmark {self.name!r} has model {self.model!r}")
         _check_choice("arch", self.arch, ARCHS)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("fpn_norm", self.fpn_norm, EXTRA_NORMS)
@@ -294,7 +347,7 @@ class BenchmarkSettings(Settings):
                 f"device: {self.device!r} is the torchvision backend's; the detectron2 backend runs "
                 "on the GPUs its launch options give (num_gpus, 0: the CPU); expected 'auto'"
             )
-        if self.backend == "torchvision":
+        if self.backend == "torchvision" and self.task == "detection":
             self._check_torchvision_can_build()
         if not 0 <= self.trainable_layers <= 5:
             raise ValueError(f"trainable_layers: expected 0..5, got {self.trainable_layers!r}")
@@ -315,7 +368,14 @@ class BenchmarkSettings(Settings):
             del data["device"]
         if tuple(data["transfer"]) == TRANSFERABLE:  # likewise the default transfer
             del data["transfer"]
+        if self.task != "sem_seg":  # and the semseg section, which detectors leave at its defaults
+            del data["semseg"]
         return data
+
+    @property
+    def task(self) -> str:
+        """What the model solves: "detection" (boxes, masks) or "sem_seg" (a class per pixel)."""
+        return MODEL_TASKS[self.model]
 
     @property
     def pretrained_modules(self) -> tuple[str, ...]:
@@ -324,11 +384,44 @@ class BenchmarkSettings(Settings):
         (a 4conv1fc head, SoCo's) only into a 4conv1fc R-CNN head -- a 2fc head's ``fc1`` has the
         same shape but sees other inputs, so it must never take it."""
         modules = ["backbone"]
+        if self.task == "sem_seg":  # the dilated FCN has neither an FPN nor a box head
+            return tuple(modules)
         if self.fpn and "fpn" in self.transfer:
             modules.append("fpn")
         if self.fpn and self.model != "retinanet" and self.box_head == "4conv1fc" and "box_head" in self.transfer:
             modules.append("box_head")
         return tuple(modules)
+
+    def _check_backend_solves_task(self) -> None:
+        backend = BACKENDS[self.backend]
+        if self.task not in backend.modules:
+            able = [name for name, b in BACKENDS.items() if self.task in b.modules]
+            raise ValueError(
+                f"backend: benchmark {self.name!r} has model {self.model!r} ({self.task}), which backend "
+                f"{self.backend!r} does not build: {backend.lacks.get(self.task, 'not implemented')}; "
+                f"expected backend {' or '.join(map(repr, able))}"
+            )
+
+    def _check_fcn_can_build(self) -> None:
+        """The dilated FCN reads COCO-format or Cityscapes data of one training split and none of
+        the detectors' settings; name the first one set."""
+        _check_choice("dataset.format", self.dataset.format, SEMSEG_FORMATS)
+        if self.dataset.extra_train:
+            raise ValueError(f"dataset.extra_train: model 'fcn' trains on one split; got {len(self.dataset.extra_train)} more")
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for name in DETECTION_ONLY:
+            top, *nested = name.split(".")
+            default = fields[top].default
+            if default is dataclasses.MISSING:
+                default = fields[top].default_factory()
+            value = getattr(self, top)
+            for part in nested:
+                default, value = getattr(default, part), getattr(value, part)
+            if value != default:
+                raise ValueError(
+                    f"{name}: {value!r} is a detector's setting; model 'fcn' (benchmark {self.name!r}) does "
+                    f"not read it, expected the default {default!r} (its own settings are under semseg)"
+                )
 
     def _check_torchvision_can_build(self) -> None:
         """The torchvision backend builds every model family (FPN only; R-CNNs with a 2fc or

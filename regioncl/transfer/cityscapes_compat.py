@@ -11,6 +11,12 @@ cityscapesscripts 2.3 is also out of date with NumPy 2: it calls ``np.in1d`` (re
 and json-dumps numpy integers through ``writeDict2JSON`` (``default=o.__dict__``). Its instance
 evaluation module gets a numpy whose ``in1d`` is ``isin`` flattened (``in1d``'s documented
 equivalent) and a ``writeDict2JSON`` that writes numpy scalars as Python numbers.
+
+Its ``evaluateMatches`` also crashes (``IndexError`` on ``yTrueSortedCumsum[-1]``,
+mcordts/cityscapesScripts issue 89, open) when a class has ground truth and predictions but no
+prediction matches and every one is ignored (it lies on void or group pixels): nothing is left
+to rank. That numpy's ``cumsum`` of nothing is ``[0]``, with which the function scores the class
+AP 0, as it does a class with ground truth and no prediction (the ground truth all missed).
 """
 
 from __future__ import annotations
@@ -48,6 +54,17 @@ class LegacyNumpy(types.ModuleType):
         return numpy.isin(ar1, ar2, assume_unique=assume_unique, invert=invert).ravel()
 
 
+class CityscapesNumpy(LegacyNumpy):
+    """``LegacyNumpy`` for cityscapesscripts' instance evaluation: ``cumsum`` of an empty array
+    is ``[0]`` (the module docstring; ``evaluateMatches`` calls it once, on the sorted true
+    labels, and reads its last element as the number of true examples)."""
+
+    @staticmethod
+    def cumsum(a, *args, **kwargs) -> numpy.ndarray:
+        result = numpy.cumsum(a, *args, **kwargs)
+        return result if result.size else numpy.zeros(1, dtype=result.dtype)
+
+
 def _json_default(value: object) -> object:
     return value.item() if isinstance(value, numpy.generic) else value.__dict__
 
@@ -78,6 +95,6 @@ def alias_cityscapes_scripts() -> None:
     for name, module in zip(ALIASED_MODULES, modules):
         sys.modules.setdefault(f"{INTERNAL_PREFIX}.{name}", module)
     evaluation = modules[-1]
-    if not hasattr(numpy, "in1d") and getattr(evaluation, "np", None) is numpy:
-        evaluation.np = LegacyNumpy("numpy")
+    if getattr(evaluation, "np", None) is numpy:
+        evaluation.np = CityscapesNumpy("numpy")
     evaluation.writeDict2JSON = write_dict_to_json

@@ -24,8 +24,9 @@ import functools
 import math
 import re
 import sys
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -400,6 +401,51 @@ def resume_state(path: Path, identity_key: str, iterations: int) -> dict | None:
     return state
 
 
+def train_iterations(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    solver: SolverSettings,
+    identity_key: str,
+    workdir: Path,
+    desc: str,
+    batches_from: Callable[[int], Iterable[Any]],
+    prepare: Callable[[int, Any], tuple[Any, Any]],
+) -> MetricsLog:
+    """The finetuning loop of every torchvision-backend task: resume from ``workdir``'s
+    checkpoint of ``identity_key`` (saying so on stderr), then for each remaining iteration set
+    the lr, take ``train_step`` on ``prepare(iteration, batch)`` (model inputs and targets, on
+    the device) of the batches ``batches_from(start)`` yields, log and show progress, and save
+    the checkpoint every ``solver.checkpoint_every`` iterations and at the end. Returns the log."""
+    checkpoint_path = workdir / CHECKPOINT_NAME
+    start = 0
+    state = resume_state(checkpoint_path, identity_key, solver.iterations)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["iteration"]
+        print(f"{desc}: resuming from iteration {start} ({checkpoint_path})", file=sys.stderr)
+
+    model.train()
+    log = MetricsLog(workdir / "metrics.jsonl", start)
+    progress = Progress(solver.iterations, initial=start, desc=desc)
+    for iteration, batch in enumerate(batches_from(start), start=start):
+        inputs, targets = prepare(iteration, batch)
+        lr = lr_at(solver, iteration)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        losses = train_step(model, optimizer, inputs, targets, iteration)
+        done = iteration + 1
+        log.append({"step": done, "lr": lr, **losses})
+        progress.update(done, loss=losses["loss"], lr=lr)
+        if done % solver.checkpoint_every == 0 or done == solver.iterations:
+            save_atomic(
+                checkpoint_path,
+                {"identity": identity_key, "iteration": done, "model": cpu_state_dict(model), "optimizer": optimizer.state_dict()},
+            )
+    progress.close()
+    return log
+
+
 def finetune(
     benchmark: BenchmarkSettings,
     weights: Path | None,
@@ -435,42 +481,17 @@ def finetune(
     model.to(device)
     optimizer = build_optimizer(model, solver)
 
-    checkpoint_path = workdir / CHECKPOINT_NAME
-    start = 0
-    state = resume_state(checkpoint_path, identity["key"], solver.iterations)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["iteration"]
-        print(f"finetune {benchmark.name} seed {seed}: resuming from iteration {start} ({checkpoint_path})", file=sys.stderr)
+    batches = functools.partial(IterationBatches, data, seed, solver.batch_size, benchmark.input.hflip_prob)
 
-    model.train()
-    log = MetricsLog(workdir / "metrics.jsonl", start)
-    progress = Progress(solver.iterations, initial=start, desc=f"finetune {benchmark.name} seed {seed}")
-    batches = IterationBatches(data, seed, solver.batch_size, benchmark.input.hflip_prob, start, solver.iterations)
-    for iteration, (images, targets) in enumerate(iteration_loader(batches, num_workers), start=start):
+    def prepare(iteration: int, batch: tuple[list[torch.Tensor], list[dict]]) -> tuple[list[torch.Tensor], list[dict]]:
         torch_seed, _ = iteration_draws(seed, iteration, solver.batch_size, benchmark.input.hflip_prob)
-        torch.manual_seed(torch_seed)
-        images, targets = _on_device(images, targets, device)
-        lr = lr_at(solver, iteration)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        losses = train_step(model, optimizer, images, targets, iteration)
-        done = iteration + 1
-        log.append({"step": done, "lr": lr, **losses})
-        progress.update(done, loss=losses["loss"], lr=lr)
-        if done % solver.checkpoint_every == 0 or done == solver.iterations:
-            save_atomic(
-                checkpoint_path,
-                {
-                    "identity": identity["key"],
-                    "iteration": done,
-                    "model": cpu_state_dict(model),
-                    "optimizer": optimizer.state_dict(),
-                },
-            )
-    progress.close()
+        torch.manual_seed(torch_seed)  # the detector's own sampling (RPN / RoI) in this step
+        return _on_device(*batch, device)
 
+    log = train_iterations(
+        model, optimizer, solver, identity["key"], workdir, f"finetune {benchmark.name} seed {seed}",
+        lambda start: iteration_loader(batches(start, solver.iterations), num_workers), prepare,
+    )
     if metrics is not None:
         log.publish(Path(metrics))
     save_atomic(

@@ -1,4 +1,5 @@
-# COCO-style AP of a finetuned detector on its benchmark's evaluation split.
+# COCO-style AP of a finetuned detector (mIoU of a semantic-segmentation FCN) on its benchmark's
+# evaluation split.
 
 
 rule evaluate:

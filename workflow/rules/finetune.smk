@@ -1,4 +1,4 @@
-# Finetune a detector per (run, benchmark, seed). Baselines such as `random` have no weights.
+# Finetune a detector (or an FCN: model fcn) per (run, benchmark, seed). Baselines such as `random` have no weights.
 # As for pretraining, the job keeps its checkpoints in `workdir/<identity>`: a hash of the
 # resolved benchmark settings, the seed and the weights file's sha256 (regioncl.transfer.identity),
 # so a re-run after a changed setting or replaced weights starts afresh instead of resuming.
