@@ -34,7 +34,7 @@ from regioncl.transfer.torchvision_backend import (
     lr_at,
     select_device,
 )
-from regioncl.weights import UnsafeWeightsError, read_detectron2_weights
+from regioncl.weights import UnsafeWeightsError, read_detectron2_weights, write_pretrained_checkpoint
 
 CATEGORIES = [{"id": 3, "name": "square"}, {"id": 7, "name": "disc"}]
 
@@ -92,10 +92,8 @@ def pretrained_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(1)
     backbone = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
     ckpt = out / "ckpt.pt"
-    torch.save(
-        {"format": "regioncl.pretrained/1", "method": "moco_v2", "arch": "resnet18", "steps": 1,
-         "epochs": 1, "backbone": backbone, "transfer": {}, "config": {}},
-        ckpt,
+    write_pretrained_checkpoint(
+        ckpt, method="moco_v2", arch="resnet18", steps=1, epochs=1, backbone=backbone, transfer={}, config={}
     )
     convert_checkpoint(ckpt, out / "w.tv.pth", out / "w.d2.pkl")
     return out / "w.tv.pth"

@@ -25,6 +25,7 @@ from regioncl.transfer.registry import load_registry, resolve_benchmark
 from regioncl.transfer.semseg import build_fcn, load_pretrained_backbone
 from regioncl.transfer.semseg_data import IGNORE_LABEL, CityscapesSemSeg, CocoSemSeg, cityscapes_train_ids, training_crop
 from regioncl.transfer.semseg_eval import confusion_matrix, sem_seg_metrics
+from regioncl.weights import write_pretrained_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -177,10 +178,8 @@ def resnet18_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, di
     torch.manual_seed(7)
     backbone = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
     checkpoint = out / "checkpoint.pt"
-    torch.save(
-        {"format": "regioncl.pretrained/1", "method": "moco_v2", "arch": "resnet18", "steps": 1,
-         "epochs": 1, "backbone": backbone, "transfer": {}, "config": {}},
-        checkpoint,
+    write_pretrained_checkpoint(
+        checkpoint, method="moco_v2", arch="resnet18", steps=1, epochs=1, backbone=backbone, transfer={}, config={}
     )
     convert_checkpoint(checkpoint, out / "w.tv.pth", out / "w.d2.pkl")
     return out / "w.tv.pth", backbone
