@@ -1,6 +1,6 @@
 """Tiny pretraining runs shared by the engine's and every method's tests: shards, 2-rank spawns,
 readers of what a run leaves in its workdir (metrics.jsonl, resume checkpoints), and a short
-finetune from a run's converted weights."""
+finetune from a run's converted weights, and converted weights of a seeded ResNet-18."""
 
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 import webdataset as wds
 from PIL import Image
 
 from regioncl.convert import convert_checkpoint
 from regioncl.engine import PretrainSettings, pretrain
 from regioncl.transfer.torchvision_backend import build_detector, finetune
+from regioncl.weights import write_pretrained_checkpoint
 
 
 def write_image_shard(path: Path, images: Sequence[Image.Image], *, first_index: int = 0, boxes: Sequence = ()) -> Path:
@@ -103,6 +105,20 @@ def stopped_and_resumed_run_equals_straight_run(
     assert [key for key in expected if not torch.equal(actual[key], expected[key])] == []
     assert metric_values(resumed) == metric_values(straight)
     return straight, expected
+
+
+def converted_resnet18_weights(out: Path, seed: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A MoCo v2 pretrained checkpoint of torchvision's ResNet-18 initialised from ``seed`` (its
+    ``fc`` left out), written by the contract's writer and converted under ``out``: the
+    ``.tv.pth`` path and the backbone tensors it came from."""
+    torch.manual_seed(seed)
+    backbone = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
+    checkpoint = out / "checkpoint.pt"
+    write_pretrained_checkpoint(
+        checkpoint, method="moco_v2", arch="resnet18", steps=1, epochs=1, backbone=backbone, transfer={}, config={}
+    )
+    convert_checkpoint(checkpoint, out / "w.tv.pth", out / "w.d2.pkl")
+    return out / "w.tv.pth", backbone
 
 
 FINETUNE_SOLVER = {"lr": 0.01, "iterations": 2, "batch_size": 2, "warmup_iters": 1, "lr_steps": [1], "checkpoint_every": 2}

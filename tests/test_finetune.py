@@ -14,10 +14,8 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-import torchvision
 from PIL import Image
 
-from regioncl.convert import convert_checkpoint
 from regioncl.data.layouts import DatasetSpec
 from regioncl.transfer.benchmarks import BenchmarkSettings
 from regioncl.transfer.coco_data import CocoDetection, hflip
@@ -34,7 +32,8 @@ from regioncl.transfer.torchvision_backend import (
     lr_at,
     select_device,
 )
-from regioncl.weights import UnsafeWeightsError, read_detectron2_weights, write_pretrained_checkpoint
+from regioncl.weights import UnsafeWeightsError, read_detectron2_weights
+from pretrain_runs import converted_resnet18_weights  # tests/pretrain_runs.py
 
 CATEGORIES = [{"id": 3, "name": "square"}, {"id": 7, "name": "disc"}]
 
@@ -88,15 +87,8 @@ def tiny_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pretrained_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(1)
-    backbone = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
-    ckpt = out / "ckpt.pt"
-    write_pretrained_checkpoint(
-        ckpt, method="moco_v2", arch="resnet18", steps=1, epochs=1, backbone=backbone, transfer={}, config={}
-    )
-    convert_checkpoint(ckpt, out / "w.tv.pth", out / "w.d2.pkl")
-    return out / "w.tv.pth"
+    weights, _ = converted_resnet18_weights(tmp_path_factory.mktemp("weights"), seed=1)
+    return weights
 
 
 def tiny_benchmark(root: Path, **overrides) -> BenchmarkSettings:

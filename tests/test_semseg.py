@@ -16,7 +16,6 @@ import torchvision
 from PIL import Image
 
 from regioncl.cli import main as cli_main
-from regioncl.convert import convert_checkpoint
 from regioncl.data.embedded import EmbeddedSettings, generate_embedded
 from regioncl.data.layouts import DatasetSpec
 from regioncl.transfer.benchmarks import BenchmarkSettings
@@ -25,7 +24,7 @@ from regioncl.transfer.registry import load_registry, resolve_benchmark
 from regioncl.transfer.semseg import build_fcn, load_pretrained_backbone
 from regioncl.transfer.semseg_data import IGNORE_LABEL, CityscapesSemSeg, CocoSemSeg, cityscapes_train_ids, training_crop
 from regioncl.transfer.semseg_eval import confusion_matrix, sem_seg_metrics
-from regioncl.weights import write_pretrained_checkpoint
+from pretrain_runs import converted_resnet18_weights  # tests/pretrain_runs.py
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -174,15 +173,7 @@ def test_fcn_has_output_stride_16_with_every_conv5_3x3_conv_at_stride_1_and_dila
 
 @pytest.fixture(scope="module")
 def resnet18_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
-    out = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(7)
-    backbone = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
-    checkpoint = out / "checkpoint.pt"
-    write_pretrained_checkpoint(
-        checkpoint, method="moco_v2", arch="resnet18", steps=1, epochs=1, backbone=backbone, transfer={}, config={}
-    )
-    convert_checkpoint(checkpoint, out / "w.tv.pth", out / "w.d2.pkl")
-    return out / "w.tv.pth", backbone
+    return converted_resnet18_weights(tmp_path_factory.mktemp("weights"), seed=7)
 
 
 def test_pretrained_backbone_is_loaded_and_the_head_left_random(resnet18_weights):

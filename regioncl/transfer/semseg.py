@@ -57,9 +57,8 @@ from regioncl.transfer.torchvision_backend import (
     TRAINABLE_STAGES,
     batch_indices,
     build_optimizer,
-    cpu_state_dict,
     iteration_loader,
-    save_atomic,
+    publish_finetuned,
     select_device,
     train_iterations,
 )
@@ -206,19 +205,9 @@ def finetune(
         lambda start: iteration_loader(CropBatches(data, benchmark, seed, start, solver.iterations), num_workers),
         lambda iteration, batch: (batch[0].to(device), batch[1].to(device)),
     )
-    if metrics is not None:
-        log.publish(Path(metrics))
-    save_atomic(
-        Path(out),
-        {
-            "format": FCN_FORMAT,
-            "benchmark": benchmark.name,
-            "state_dict": cpu_state_dict(model),
-            "seed": seed,
-            "weights": identity["weights"],
-            "method": source["method"],
-            "class_names": list(data.class_names),
-        },
+    publish_finetuned(
+        out, metrics, log, model, FCN_FORMAT, benchmark, seed, identity, source["method"],
+        class_names=list(data.class_names),
     )
 
 

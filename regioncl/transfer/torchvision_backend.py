@@ -446,6 +446,38 @@ def train_iterations(
     return log
 
 
+def publish_finetuned(
+    out: Path,
+    metrics: Path | None,
+    log: MetricsLog,
+    model: nn.Module,
+    format_tag: str,
+    benchmark: BenchmarkSettings,
+    seed: int,
+    identity: dict,
+    method: str,
+    **labels: Any,
+) -> None:
+    """A finished finetune's outputs: ``metrics`` (the per-iteration log) when asked for, then
+    ``out``, the trained model with what ``records.load_finetuned_detector`` checks on loading
+    (format, benchmark) and the record reports (seed, weights, method), plus the task's
+    ``labels`` (the detector's category ids, the FCN's class names)."""
+    if metrics is not None:
+        log.publish(Path(metrics))
+    save_atomic(
+        Path(out),
+        {
+            "format": format_tag,
+            "benchmark": benchmark.name,
+            "state_dict": cpu_state_dict(model),
+            "seed": seed,
+            "weights": identity["weights"],
+            "method": method,
+            **labels,
+        },
+    )
+
+
 def finetune(
     benchmark: BenchmarkSettings,
     weights: Path | None,
@@ -492,19 +524,9 @@ def finetune(
         model, optimizer, solver, identity["key"], workdir, f"finetune {benchmark.name} seed {seed}",
         lambda start: iteration_loader(batches(start, solver.iterations), num_workers), prepare,
     )
-    if metrics is not None:
-        log.publish(Path(metrics))
-    save_atomic(
-        Path(out),
-        {
-            "format": DETECTOR_FORMAT,
-            "benchmark": benchmark.name,
-            "state_dict": cpu_state_dict(model),
-            "seed": seed,
-            "weights": identity["weights"],
-            "method": source["method"],
-            "category_ids": data.category_ids,
-        },
+    publish_finetuned(
+        out, metrics, log, model, DETECTOR_FORMAT, benchmark, seed, identity, source["method"],
+        category_ids=data.category_ids,
     )
 
 
