@@ -23,6 +23,11 @@ ENV = f"{workflow.basedir}/envs/regioncl.yaml"
 # Rules run `python -m regioncl.cli` from this checkout (jobs inherit the path; cluster jobs
 # re-read this file), so the conda env needs no install step for the package.
 use_package_from(workflow.basedir)
+# The pretraining chain (proposals -> shards -> pretrain -> convert) is every run's critical
+# path: jobs off it (the baselines' finetunes, probes) take the cores it leaves free rather
+# than slow it (on 2 cores the default run's `random` finetune and probe otherwise start first
+# and leave one core to the proposals).
+CRITICAL_PATH_PRIORITY = 10
 
 
 wildcard_constraints:

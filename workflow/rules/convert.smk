@@ -12,6 +12,7 @@ rule convert:
         detectron2="results/weights/{run}.d2.pkl",
     params:
         source=lambda w: PLAN.convert_source_args(w.run),
+    priority: CRITICAL_PATH_PRIORITY
     resources:
         **PLAN.rule_resources("convert"),
     conda:

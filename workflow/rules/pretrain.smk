@@ -28,6 +28,7 @@ rule pretrain:
         workdir="results/work/pretrain/{run}",
         nproc=PLAN.pretrain_nproc_per_node,
         launch=PRETRAIN_LAUNCH.step_prefix(),
+    priority: CRITICAL_PATH_PRIORITY
     threads: PLAN.pretrain_threads
     resources:
         # the launch mode's task geometry (nodes, tasks, mpi) on top of the config's resources

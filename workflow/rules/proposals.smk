@@ -10,6 +10,7 @@ rule proposals:
     params:
         num_chunks=lambda w: PLAN.num_chunks(w.dataset),
         settings=PLAN.quoted(PLAN.proposal_settings),
+    priority: CRITICAL_PATH_PRIORITY
     threads: PLAN.proposal_processes
     resources:
         **PLAN.rule_resources("proposals"),

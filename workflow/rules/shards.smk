@@ -6,6 +6,7 @@ rule shards:
         "results/proposals/{dataset}/{chunk}.parquet",
     output:
         "results/shards/{dataset}/{chunk}.tar",
+    priority: CRITICAL_PATH_PRIORITY
     resources:
         **PLAN.rule_resources("shards"),
     conda:
