@@ -24,14 +24,13 @@ import itertools
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from regioncl.augment import view_output
 from regioncl.data.shards import ShardStream
 from regioncl.engine.loader import sample_rng
 from regioncl.methods import get_method
-from regioncl.probe import load_backbone
+from regioncl.probe import load_backbone, reestimate_batchnorm
 
 VIEW_SEED = 12345  # not a training seed: these views are none the runs were trained on
 
@@ -56,13 +55,7 @@ def two_views(shards: list[str], images: int, crop: int) -> tuple[torch.Tensor, 
 @torch.no_grad()
 def retrieval_accuracy(weights: Path | None, first: torch.Tensor, second: torch.Tensor) -> float:
     backbone, _ = load_backbone(weights, "resnet18", seed=0)
-    for bn in (m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)):
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the batches below
-    backbone.train()
-    for batch in first.split(64):
-        backbone.forward_stages(batch)
-    backbone.eval()
+    reestimate_batchnorm(backbone, first.split(64))
 
     def embed(views: torch.Tensor) -> torch.Tensor:
         return F.normalize(torch.cat([backbone.forward_stages(b)["c5"].mean(dim=(2, 3)) for b in views.split(64)]), dim=1)

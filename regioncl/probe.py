@@ -22,6 +22,7 @@ it labels, so tables show it as one more column.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -109,15 +110,16 @@ def normalise(image: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reestimate_batchnorm(backbone: ResNetBackbone, data: CocoDetection) -> None:
-    """Replace every BatchNorm's running statistics by their average over ``data``'s images."""
+def reestimate_batchnorm(backbone: ResNetBackbone, batches: Iterable[torch.Tensor]) -> None:
+    """Replace every BatchNorm's running statistics by their average over ``batches``
+    ((B, 3, H, W) ImageNet-normalised images, one forward each); leaves the backbone in eval mode."""
     bns = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     for bn in bns:
         bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the images below
+        bn.momentum = None  # cumulative average over the batches below
     backbone.train()
-    for index in range(len(data)):
-        backbone.forward_stages(normalise(data.load_image(index)))
+    for batch in batches:
+        backbone.forward_stages(batch)
     backbone.eval()
 
 
@@ -179,7 +181,7 @@ def probe_accuracy(
             f"{splits['val'].annotations}: categories {val.category_ids} differ from the train split's "
             f"{train.category_ids} ({splits['train'].annotations})"
         )
-    reestimate_batchnorm(backbone, train)
+    reestimate_batchnorm(backbone, (normalise(train.load_image(index)) for index in range(len(train))))
     train_x, train_y = box_features(backbone, train, settings)
     val_x, val_y = box_features(backbone, val, settings)
     if len(train_y) == 0 or len(val_y) == 0:

@@ -82,11 +82,11 @@ def test_the_embedded_tables_show_the_probe_column_against_random(tmp_path):
     from regioncl.tables.render import to_markdown
 
     probes = [probe_record(tmp_path / "p0.json", "random", "random", 25.0),
-              probe_record(tmp_path / "p1.json", "moco_v2_r18_16ep", "moco_v2", 70.5)]
+              probe_record(tmp_path / "p1.json", "moco_v2_r18_8ep", "moco_v2", 70.5)]
     root = Path(__file__).resolve().parents[1]
     table = load_tables_config(root / "config" / "tables" / "embedded.yaml")["embedded"]
     data = paper_table_data(table, load_metric_values(probes), None, "test")
     probe = data[data["metric"] == "probe.accuracy"].set_index("run")
-    assert probe.at["moco_v2_r18_16ep", "vs_baseline"] == pytest.approx(45.5)
+    assert probe.at["moco_v2_r18_8ep", "vs_baseline"] == pytest.approx(45.5)
     markdown = to_markdown(table, data)
     assert "probe accuracy" in markdown and "70.5 (+45.5)" in markdown
