@@ -6,8 +6,8 @@
 
 The question it answers is issue 13's: does a pretrained backbone give the detector a head start
 over random initialisation, and for how long? One finetune per (weights, seed) runs the
-benchmark's own torchvision-backend steps (``IterationBatches``, ``train_step``, ``lr_at``: the
-same batches, flips and detector sampling as ``regioncl finetune``), with the solver stretched to
+benchmark's own torchvision-backend finetune (``torchvision_backend.finetune``, evaluated from its
+per-step hook: the same batches, flips and detector sampling as ``regioncl finetune``), with the solver stretched to
 ``--iterations`` (its warm-up kept, each lr step at the same fraction of the schedule), and
 evaluates the detector on the val split every ``--eval-every`` iterations with the benchmark's
 evaluator. So the AP at iteration k is that of a k-iteration prefix of one long schedule, not of
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -62,35 +63,29 @@ def benchmark_settings(configfiles: list[Path], name: str, iterations: int) -> B
 
 
 def curve(benchmark: BenchmarkSettings, weights: Path | None, seed: int, eval_every: int) -> list[dict[str, Any]]:
-    """Box AP, AP50 on the val split after every ``eval_every`` iterations of one finetune."""
-    solver, device = benchmark.solver, torch.device("cpu")
-    train = CocoDetection(benchmark.dataset.path("train_json"), benchmark.dataset.path("train_images"), with_masks=False)
+    """Box AP, AP50 on the val split after every ``eval_every`` iterations of one finetune: the
+    benchmark's own ``finetune`` (same data, subset, batches, sampling), evaluated from its
+    per-step hook; its checkpoint and model go to a scratch folder."""
     val_json = benchmark.dataset.path("val_json")
     val = CocoDetection(val_json, benchmark.dataset.path("val_images"), with_masks=False)
-    torch.manual_seed(seed)
-    model = backend.build_detector(benchmark, num_classes=len(train.category_ids))
-    if weights is not None:
-        backend.load_pretrained_weights(model, weights, benchmark.arch, modules=benchmark.pretrained_modules)
-    optimizer = backend.build_optimizer(model, solver)
-    batches = backend.IterationBatches(train, seed, solver.batch_size, benchmark.input.hflip_prob, 0, solver.iterations)
+    device = backend.select_device(benchmark)
     points, start = [], time.perf_counter()
-    model.train()
-    for iteration, (images, targets) in enumerate(backend.iteration_loader(batches, 0)):
-        torch_seed, _ = backend.iteration_draws(seed, iteration, solver.batch_size, benchmark.input.hflip_prob)
-        torch.manual_seed(torch_seed)  # the detector's own RPN / RoI sampling, as in `regioncl finetune`
-        for group in optimizer.param_groups:
-            group["lr"] = backend.lr_at(solver, iteration)
-        losses = backend.train_step(model, optimizer, images, targets, iteration)
-        if (iteration + 1) % eval_every and iteration + 1 != solver.iterations:
-            continue
+
+    def evaluate(done: int, model: torch.nn.Module, losses: dict[str, float]) -> None:
+        if done % eval_every and done != benchmark.solver.iterations:
+            return
         model.eval()
         metrics = coco_metrics(val_json, predict(model, val, benchmark.eval.batch_size, device), "bbox")
-        model.train()
         points.append(
-            {"iteration": iteration + 1, "AP": metrics["AP"], "AP50": metrics["AP50"], "loss": losses["loss"],
+            {"iteration": done, "AP": metrics["AP"], "AP50": metrics["AP50"], "loss": losses["loss"],
              "seconds": round(time.perf_counter() - start)}
         )
-        print(f"  {weights or 'none'} seed {seed} it {iteration + 1}: AP {metrics['AP']:.2f} AP50 {metrics['AP50']:.2f}", file=sys.stderr)
+        print(f"  {weights or 'none'} seed {seed} it {done}: AP {metrics['AP']:.2f} AP50 {metrics['AP50']:.2f}", file=sys.stderr)
+
+    with tempfile.TemporaryDirectory(prefix="finetune_curve.") as scratch:
+        backend.finetune(
+            benchmark, weights, seed, Path(scratch) / "model.pth", Path(scratch) / "work", after_step=evaluate
+        )
     return points
 
 

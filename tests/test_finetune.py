@@ -381,6 +381,31 @@ def assert_metrics_in_range(metrics: dict) -> None:
     assert all(metrics[k] is not None for k in ("AP", "AP50", "AP75"))
 
 
+def test_a_step_hook_that_evaluates_sees_every_step_and_changes_no_weight(
+    straight_run: Path, tiny_coco: Path, pretrained_weights: Path, tmp_path: Path
+) -> None:
+    """benchmarks/finetune_curve.py evaluates the detector from ``after_step``: the hook gets each
+    step's count, the model and that step's losses, and the run it looks into trains exactly as
+    without it (the model back in train mode, the detector's sampling still seeded per step)."""
+    seen: list[tuple[int, float]] = []
+
+    def evaluating_hook(done: int, model: torch.nn.Module, losses: dict[str, float]) -> None:
+        model.eval()
+        with torch.no_grad():
+            model([torch.rand(3, 64, 64)])  # a prediction, as an evaluation makes
+        seen.append((done, losses["loss"]))
+
+    finetune(
+        tiny_benchmark(tiny_coco), pretrained_weights, 5, tmp_path / "model.pt", tmp_path / "work",
+        after_step=evaluating_hook,
+    )
+    assert [done for done, _ in seen] == [1, 2, 3, 4]
+    assert all(math.isfinite(loss) and loss > 0 for _, loss in seen)
+    hooked = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    straight = torch.load(straight_run, weights_only=True)["state_dict"]
+    assert all(torch.equal(hooked[k], straight[k]) for k in straight)
+
+
 def test_evaluate_writes_box_metrics(straight_run: Path, tiny_coco: Path, tmp_path: Path) -> None:
     record = evaluate(tiny_benchmark(tiny_coco), straight_run, tmp_path / "metrics.json", run="r")
     assert json.loads((tmp_path / "metrics.json").read_text()) == record

@@ -58,6 +58,8 @@ CHECKPOINT_NAME = "checkpoint_last.pt"
 ORDER_STREAM, ITERATION_STREAM = 0, 1  # independent random streams derived from the seed
 # Settings a checkpoint may be resumed across without changing the result (see the docstring).
 RESUME_MAY_CHANGE = ("device", "solver.iterations", "solver.checkpoint_every")
+# A hook after each finetuning step: (iterations done, the model, that step's losses).
+AfterStep = Callable[[int, nn.Module, dict[str, float]], None]
 
 # 'syncbn' builds BatchNorm2d and converts it: SyncBatchNorm behaves as BatchNorm2d unless a
 # process group is initialised, so one code path serves one CPU process and many GPUs.
@@ -410,12 +412,18 @@ def train_iterations(
     desc: str,
     batches_from: Callable[[int], Iterable[Any]],
     prepare: Callable[[int, Any], tuple[Any, Any]],
+    after_step: AfterStep | None = None,
 ) -> MetricsLog:
     """The finetuning loop of every torchvision-backend task: resume from ``workdir``'s
     checkpoint of ``identity_key`` (saying so on stderr), then for each remaining iteration set
     the lr, take ``train_step`` on ``prepare(iteration, batch)`` (model inputs and targets, on
     the device) of the batches ``batches_from(start)`` yields, log and show progress, and save
-    the checkpoint every ``solver.checkpoint_every`` iterations and at the end. Returns the log."""
+    the checkpoint every ``solver.checkpoint_every`` iterations and at the end. Returns the log.
+
+    ``after_step(done, model, losses)``, when given, runs after each step and its checkpoint
+    (``done``: iterations taken so far); it may evaluate the model, which is put back in train
+    mode after it. It is how a measurement looks inside one schedule (benchmarks/finetune_curve.py)
+    without a second copy of this loop."""
     checkpoint_path = workdir / CHECKPOINT_NAME
     start = 0
     state = resume_state(checkpoint_path, identity_key, solver.iterations)
@@ -442,6 +450,9 @@ def train_iterations(
                 checkpoint_path,
                 {"identity": identity_key, "iteration": done, "model": cpu_state_dict(model), "optimizer": optimizer.state_dict()},
             )
+        if after_step is not None:
+            after_step(done, model, losses)
+            model.train()
     progress.close()
     return log
 
@@ -487,11 +498,12 @@ def finetune(
     *,
     metrics: Path | None = None,
     num_workers: int = 0,
+    after_step: AfterStep | None = None,
 ) -> None:
     """Train the benchmark's detector from ``weights`` (``None``: random init) on
     ``benchmark.device`` and write ``out`` (and ``metrics``: per-iteration losses and lr).
     ``num_workers`` processes decode and flip the next batches meanwhile (0: this process does,
-    between steps); the result does not depend on it.
+    between steps); the result does not depend on it. ``after_step``: see ``train_iterations``.
 
     Resumes from ``workdir/<identity key>/checkpoint_last.pt`` when present, saying so on
     stderr; saves it every ``solver.checkpoint_every`` iterations.
@@ -522,7 +534,7 @@ def finetune(
 
     log = train_iterations(
         model, optimizer, solver, identity["key"], workdir, f"finetune {benchmark.name} seed {seed}",
-        lambda start: iteration_loader(batches(start, solver.iterations), num_workers), prepare,
+        lambda start: iteration_loader(batches(start, solver.iterations), num_workers), prepare, after_step,
     )
     publish_finetuned(
         out, metrics, log, model, DETECTOR_FORMAT, benchmark, seed, identity, source["method"],
