@@ -24,20 +24,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
+from regioncl.config import WorkflowPlan, merged_config_files
 
-from regioncl.config import WorkflowPlan
-from regioncl.transfer.registry import merged
-
-DEFAULT_CONFIG = Path("config/config.yaml")
 PROBE_MINUTES = 0.6  # one `regioncl probe` on one thread (README)
-
-
-def load_plan(configfiles: list[Path]) -> tuple[WorkflowPlan, dict[str, Any]]:
-    config: dict[str, Any] = {}
-    for path in [DEFAULT_CONFIG, *configfiles]:
-        config = merged(config, yaml.safe_load(path.read_text()) or {})
-    return WorkflowPlan(config, check_datasets=False), config
 
 
 def timed_run(settings: dict[str, Any], shards: list[str], epochs: int, threads: int) -> tuple[float, int]:
@@ -68,7 +57,8 @@ def main() -> None:
     parser.add_argument("--finetune-minutes", type=float, default=3.0, help="one finetune + evaluation, one thread")
     args = parser.parse_args()
 
-    plan, config = load_plan(args.configfile)
+    config = merged_config_files(args.configfile)
+    plan = WorkflowPlan(config, check_datasets=False)
     dataset = plan.pretrain_dataset
     shards = [str(path) for path in sorted(Path(f"results/shards/{dataset}").glob("*.tar"))]
     if not shards:

@@ -30,24 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from regioncl.config import WorkflowPlan
+from regioncl.config import WorkflowPlan, merged_config_files
 from regioncl.transfer import torchvision_backend as backend
 from regioncl.transfer.benchmarks import BenchmarkSettings
 from regioncl.transfer.coco_data import CocoDetection
-from regioncl.transfer.registry import merged
 from regioncl.transfer.torchvision_eval import coco_metrics, predict
-
-DEFAULT_CONFIG = Path("config/config.yaml")
-
 
 def benchmark_settings(configfiles: list[Path], name: str, iterations: int) -> BenchmarkSettings:
     """The resolved benchmark ``name`` of the merged config, its solver stretched to ``iterations``."""
-    config: dict[str, Any] = {}
-    for path in [DEFAULT_CONFIG, *configfiles]:
-        config = merged(config, yaml.safe_load(path.read_text()) or {})
-    settings = WorkflowPlan(config, check_datasets=False).benchmark(name)
+    settings = WorkflowPlan(merged_config_files(configfiles), check_datasets=False).benchmark(name)
     solver = settings["solver"]
     stretch = iterations / solver["iterations"]
     solver = {

@@ -75,6 +75,20 @@ def run_name(method: str, arch: str, epochs: int, dataset: str | None = None) ->
     return f"{method}_{ARCH_SHORT_NAMES[arch]}_{epochs}ep" + (f"_{dataset}" if dataset else "")
 
 
+def merged_config_files(overlays: list[Path], base: Path = Path("config/config.yaml")) -> dict[str, Any]:
+    """``base`` with each YAML file of ``overlays`` merged over it in order, as Snakemake merges
+    ``--configfile``s (mappings key by key, lists replaced): the config the scripts under
+    benchmarks/ resolve a plan from."""
+    import yaml
+
+    from regioncl.transfer.registry import merged
+
+    config: dict[str, Any] = {}
+    for path in [base, *overlays]:
+        config = merged(config, yaml.safe_load(Path(path).read_text()) or {})
+    return config
+
+
 class WorkflowPlan:
     """Everything the rules need, derived from the validated config dict."""
 

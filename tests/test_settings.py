@@ -9,7 +9,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from regioncl.config import ConfigError, WorkflowPlan
+from regioncl.config import ConfigError, WorkflowPlan, merged_config_files
 from regioncl.engine import PretrainSettings
 from regioncl.transfer.benchmarks import BenchmarkSettings
 
@@ -42,6 +42,22 @@ def pretrain_settings(**changes) -> dict:
 
 def test_tiny_config_plans_without_errors():
     assert list(WorkflowPlan(tiny_config(), check_datasets=False).runs) == ["moco_v2_r18_2ep"]
+
+
+def test_config_files_merge_in_order_as_snakemake_merges_them(tmp_path: Path) -> None:
+    """The benchmark scripts' config: later files win key by key inside mappings, lists are
+    replaced whole, and an empty overlay changes nothing."""
+    first = tmp_path / "first.yaml"
+    first.write_text("pretrain: {threads: 2, runs: [{method: byol, epochs: 4}]}\nfinetune: {seeds: [0, 1, 2]}\n")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    config = merged_config_files([first, empty], base=ROOT / "config" / "config.yaml")
+    base = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    assert config["pretrain"]["threads"] == 2
+    assert config["pretrain"]["runs"] == [{"method": "byol", "epochs": 4}]
+    assert config["pretrain"]["defaults"] == base["pretrain"]["defaults"]  # kept beside the overlay's keys
+    assert config["finetune"]["seeds"] == [0, 1, 2] and config["finetune"]["threads"] == base["finetune"]["threads"]
+    assert merged_config_files([], base=ROOT / "config" / "config.yaml") == base
 
 
 def test_finetune_num_workers_reaches_finetune_jobs_only():
