@@ -12,22 +12,20 @@ from snakemake.utils import validate
 from regioncl.config import ConfigError, WorkflowPlan, merged_config_files
 from regioncl.engine import PretrainSettings
 from regioncl.transfer.benchmarks import BenchmarkSettings
+from regioncl.transfer.registry import merged as package_merged
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "workflow" / "tiny.yaml"
 
 
 def merged(base: dict, overlay: dict) -> dict:
-    """``overlay`` over ``base`` as Snakemake merges config files (mappings key by key)."""
-    out = copy.deepcopy(base)
-    for key, value in overlay.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    """``overlay`` over ``base`` as Snakemake merges config files (mappings key by key), deep-
+    copied: the package's merge shares untouched sub-mappings, and tests edit the result."""
+    return copy.deepcopy(package_merged(base, overlay))
 
 
 def tiny_config(**overlay) -> dict:
-    base = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    return merged(merged(base, yaml.safe_load(TINY.read_text())), overlay)
+    return merged(merged_config_files([TINY], base=ROOT / "config" / "config.yaml"), overlay)
 
 
 def plan_error(**overlay) -> str:
