@@ -2,13 +2,34 @@
 helpers in tests/workflow/conftest.py)."""
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
 # Set by .ci/run: CI has every resource the suite needs, so a missing one is a failure there.
 STRICT_SKIPS = os.environ.get("REGIONCL_STRICT_SKIPS") == "1"
+
+# Peak space a run takes under pytest's temp root (finetuned models, checkpoints, Snakemake
+# runs), measured with pyproject.toml's tmp_path_retention_policy = "failed", which deletes each
+# passed test's directory: the fast set ~3 GB, the slow set SLOW_PEAK.
+NEEDED_DISK_GIB = 4
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Free space where the tests write, in the header: a full disk fails tests far from their
+    cause (a copy or a checkpoint save deep in a fixture), so the log should say it up front."""
+    root = Path(config.option.basetemp or os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir())
+    while not root.exists():
+        root = root.parent
+    free_gib = shutil.disk_usage(root).free / 2**30
+    line = f"free disk under {root}: {free_gib:.1f} GiB (a test run needs about {NEEDED_DISK_GIB} GiB)"
+    if free_gib < NEEDED_DISK_GIB:
+        line += "; too little: expect 'No space left on device' failures"
+    return line
 
 
 @pytest.fixture(scope="module")

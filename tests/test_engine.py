@@ -20,7 +20,7 @@ from regioncl.engine.dist import (
 )
 from regioncl.engine.loader import ViewStream, epoch_batches, make_loader
 from regioncl.engine.optim import LARS, build_optimizer
-from regioncl.engine.schedule import warmup_cosine_lr
+from regioncl.engine.schedule import LrSchedule, warmup_cosine_lr
 from regioncl.methods.moco_v2 import MocoV2Params
 from regioncl.models.momentum import cosine_momentum
 from regioncl.models.sync_bn import convert_sync_batchnorm
@@ -261,6 +261,52 @@ def test_warmup_then_cosine_lr_matches_hand_values():
     expected = [0.2, 0.4, 0.4, 0.2 * (1 + math.cos(math.pi / 4)), 0.2, 0.2 * (1 + math.cos(3 * math.pi / 4))]
     assert lr == pytest.approx(expected)
     assert [cosine_momentum(s, base_momentum=0.99, total_steps=4) for s in (0, 2, 4)] == pytest.approx([0.99, 0.995, 1.0])
+
+
+def test_gradual_warmup_and_cosine_floor_match_torchs_schedulers():
+    """SoCo's code (spec_soco.md [C]): warm up linearly from lr/100 over W steps, then a cosine to
+    1e-6 over the remaining steps. torch's LinearLR then CosineAnnealingLR is that schedule,
+    written independently of ours; a wrong warmup end or cosine offset shifts every step."""
+    base_lr, warmup_steps, total_steps = 0.8, 4, 13
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=base_lr)
+    torch_schedule = torch.optim.lr_scheduler.SequentialLR(
+        optimizer,
+        [
+            torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup_steps),
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps, eta_min=1e-6),
+        ],
+        milestones=[warmup_steps],
+    )
+    expected = []
+    for _ in range(total_steps):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        torch_schedule.step()
+    ours = LrSchedule(base_lr=base_lr, warmup_steps=warmup_steps, total_steps=total_steps, steps_per_epoch=1,
+                      warmup_start_factor=0.01, final_lr=1e-6)
+    assert [ours(step) for step in range(total_steps)] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert ours(0) == pytest.approx(0.008) and ours(total_steps - 1) > 1e-6
+
+
+def test_per_epoch_lr_is_mocos_epoch_formula_held_for_the_epoch():
+    """MoCo's code (spec_plrc.md [R; C]): lr * 0.5 * (1 + cos(pi * epoch / epochs)), set at each
+    epoch's start."""
+    schedule = LrSchedule(base_lr=0.03, warmup_steps=0, total_steps=4 * 5, steps_per_epoch=5, per_epoch=True)
+    lrs = [schedule(step) for step in range(20)]
+    expected = [0.03 * 0.5 * (1 + math.cos(math.pi * (step // 5) / 4)) for step in range(20)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert len(set(lrs[5:10])) == 1 and lrs[5] != lrs[10]
+
+
+def test_the_engine_logs_the_code_schedule_it_was_given(shards, tmp_path):
+    """The settings reach the training loop: a 3-epoch run with the lr set per epoch, a floor and
+    MoCo's formula logs each epoch's lr on all of its steps."""
+    run = {**RUN, "epochs": 3, "warmup_epochs": 0, "lr_update": "epoch", "final_lr": 1e-5, "checkpoint_every_steps": 9}
+    pretrain(PretrainSettings.from_dict(run), shards, tmp_path / "final.pt", tmp_path)
+    base_lr, floor = 0.03 * 4 / 256, 1e-5
+    expected = [floor + (base_lr - floor) * 0.5 * (1 + math.cos(math.pi * epoch / 3)) for epoch in range(3) for _ in range(3)]
+    assert [r["lr"] for r in _records(tmp_path)] == pytest.approx(expected, rel=1e-12)
 
 
 def test_lars_scales_the_step_by_the_trust_ratio_and_skips_excluded_groups():

@@ -122,3 +122,20 @@ def test_pretrain_identity_changes_with_settings_and_shards_not_with_logging(sha
     rebuilt = tmp_path / shards[0].name
     rebuilt.write_bytes(shards[0].read_bytes() + b"\0" * 512)  # another size: other samples
     assert run_identity(settings, [rebuilt, *shards[1:]]) != identity
+
+
+def test_schedule_options_added_later_leave_earlier_runs_identity_alone(shards):
+    """Runs started before ``warmup_start_factor``/``final_lr``/``lr_update`` existed hashed
+    settings without them; at their defaults the identity must not move (or an upgrade would
+    restart every interrupted run), and set, each must move it (another training)."""
+    settings = PretrainSettings.from_dict(RUN)
+    before_the_options = {
+        key: value for key, value in settings.to_dict().items()
+        if key not in {"checkpoint_every_steps", "keep_checkpoints", "log_every", "device",
+                       "warmup_start_factor", "final_lr", "lr_update"}
+    }
+    data = sorted((shard.name, shard.stat().st_size) for shard in shards)
+    blob = json.dumps([before_the_options, data], sort_keys=True).encode()
+    assert run_identity(settings, shards) == hashlib.sha256(blob).hexdigest()[:12]
+    for change in ({"warmup_start_factor": 0.01}, {"final_lr": 1e-6}, {"lr_update": "epoch"}):
+        assert run_identity(dataclasses.replace(settings, **change), shards) != run_identity(settings, shards), change

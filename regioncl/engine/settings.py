@@ -33,7 +33,14 @@ class PretrainSettings(Settings):
     arch: str = "resnet50"
     batch_size: int = 256
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
-    warmup_epochs: float = 0.0  # linear warmup, then cosine decay to 0, both per step
+    warmup_epochs: float = 0.0  # linear warmup, then cosine decay (regioncl.engine.schedule)
+    # Details the papers leave open and the released codes fix (spec_soco.md: SoCo warms up from
+    # lr/100 and decays to 1e-6; spec_plrc.md: MoCo's code sets the lr once per epoch):
+    # the warmup's first lr as a fraction of the lr (None: lr / warmup steps), the cosine's floor,
+    # and whether the lr changes every step or at each epoch's start.
+    warmup_start_factor: float | None = bounded(None, gt=0, le=1)
+    final_lr: float = bounded(0.0, ge=0)
+    lr_update: Literal["step", "epoch"] = "step"
     num_workers: int = 2
     seed: int = 0
     checkpoint_every_steps: int = 100

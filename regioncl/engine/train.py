@@ -11,6 +11,7 @@ uninterrupted run. At the end rank 0 writes the pretrained checkpoint ``out``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -37,7 +38,7 @@ from regioncl.engine.checkpoint import (
 )
 from regioncl.engine.loader import ViewStream, epoch_batches, make_loader
 from regioncl.engine.optim import build_optimizer, scaled_lr, set_lr
-from regioncl.engine.schedule import warmup_cosine_lr
+from regioncl.engine.schedule import LrSchedule
 from regioncl.engine.settings import PretrainSettings
 from regioncl.methods.base import PretrainMethod, StepInfo, get_method
 from regioncl.models import gather
@@ -49,6 +50,9 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Settings that may change between a run and its resume without changing the result.
 RESUME_MAY_CHANGE = frozenset({"checkpoint_every_steps", "keep_checkpoints", "log_every", "device"})
+# Settings added after runs were started: hashed only when set away from their defaults, so
+# runs started before they existed (the same training) keep their identity and still resume.
+ADDED_SINCE_FIRST_RUNS = frozenset({"warmup_start_factor", "final_lr", "lr_update"})
 
 
 def run_identity(settings: PretrainSettings, shards: Sequence[str | Path]) -> str:
@@ -59,7 +63,12 @@ def run_identity(settings: PretrainSettings, shards: Sequence[str | Path]) -> st
     start a fresh run beside the old checkpoints instead of resuming from stale state.
     (Shards are byte-reproducible, so a rebuilt identical shard still resumes.)
     """
-    config = {key: value for key, value in settings.to_dict().items() if key not in RESUME_MAY_CHANGE}
+    defaults = {f.name: f.default for f in dataclasses.fields(PretrainSettings)}
+    config = {
+        key: value
+        for key, value in settings.to_dict().items()
+        if key not in RESUME_MAY_CHANGE and not (key in ADDED_SINCE_FIRST_RUNS and value == defaults[key])
+    }
     data = sorted((Path(shard).name, Path(shard).stat().st_size) for shard in shards)
     blob = json.dumps([config, data], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
@@ -128,8 +137,15 @@ def _train(
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size: {settings.batch_size} exceeds the {samples.num_samples} samples in the shards")
     total_steps = steps_per_epoch * settings.epochs
-    warmup_steps = round(settings.warmup_epochs * steps_per_epoch)
-    base_lr = scaled_lr(settings.optimizer, settings.batch_size)
+    lr_at = LrSchedule(
+        base_lr=scaled_lr(settings.optimizer, settings.batch_size),
+        warmup_steps=round(settings.warmup_epochs * steps_per_epoch),
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        warmup_start_factor=settings.warmup_start_factor,
+        final_lr=settings.final_lr,
+        per_epoch=settings.lr_update == "epoch",
+    )
 
     workdir.mkdir(parents=True, exist_ok=True)
     step = _resume(method, optimizer, scaler, settings, workdir, steps_per_epoch, report=print if is_main else _silent)
@@ -160,7 +176,7 @@ def _train(
         )
         for micro_batches in _groups(batches, accumulate):
             info = StepInfo(step, epoch, steps_per_epoch, total_steps, settings.seed)
-            lr = warmup_cosine_lr(step, base_lr=base_lr, warmup_steps=warmup_steps, total_steps=total_steps)
+            lr = lr_at(step)
             set_lr(optimizer, lr)
             optimizer.zero_grad(set_to_none=True)
             losses: dict[str, torch.Tensor] = {}

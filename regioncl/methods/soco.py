@@ -55,9 +55,9 @@ Choices where the paper is silent or differs from [C] (the options name the alte
   independent V3 enter it (clipped to the view) and only the loss drops them.
 - Loss normalisation: the mean over the valid (image, box) pairs of the global batch, equal to
   the paper's mean over K then over images when every image has its K boxes.
-- Not implemented from [C]: cutout inside boxes (not in the paper), the zero-initialised last
-  BN of each block, LARS's warm-up from lr/100 and cosine floor of 1e-6 (the engine warms up
-  from lr/warmup_steps and decays to 0).
+- Not implemented from [C]: cutout inside boxes (not in the paper) and the zero-initialised
+  last BN of each block. LARS's warm-up from lr/100 and cosine floor of 1e-6 are engine
+  settings (``warmup_start_factor``, ``final_lr``), set by the SoCo runs of config/paper.yaml.
 
 ``transfer_state``: the backbone, plus the FPN and the box head for ``soco`` (the paper's "all
 pretrained weights except for projection and prediction"); res5 is in the C4 backbone.
