@@ -15,7 +15,7 @@ STRICT_SKIPS = os.environ.get("REGIONCL_STRICT_SKIPS") == "1"
 
 # Peak space a run takes under pytest's temp root (finetuned models, checkpoints, Snakemake
 # runs), measured with pyproject.toml's tmp_path_retention_policy = "failed", which deletes each
-# passed test's directory: the fast set ~3 GB, the slow set SLOW_PEAK.
+# passed test's directory: at most 2.7 GB for the fast and the slow set (sampled every 30 s).
 NEEDED_DISK_GIB = 4
 
 
