@@ -3,8 +3,8 @@
 The defaults (a warmup reaching ``base_lr`` at its last step, a cosine to 0, a new lr every
 step) are what the papers state. The released codes differ in details the papers leave open,
 and ``PretrainSettings`` exposes them: SoCo's code warms up from ``lr / 100`` and decays to a
-floor of 1e-6 (``warmup_start_factor``, ``final_lr``); MoCo's code, which MoCo v2 and PLRC
-run, sets the lr once per epoch (``lr_update: epoch``).
+floor of 1e-6 (``warmup_start_factor``, ``final_lr``); MoCo's code, and ReSim's and PLRC's
+built on it, set the lr once per epoch (``lr_update: epoch``).
 
 (EMA momentum schedules live with the EMA code, in ``regioncl.models.momentum``.)
 """
