@@ -53,3 +53,15 @@ def test_conda_env_pins_match_the_lock():
     for name, version in conda_pins.items():
         assert lock[_normalized(name)] == version, f"envs/regioncl.yaml pins {name}=={version}, lock has {lock[_normalized(name)]}"
     assert "python=3.11" in env["dependencies"]
+
+
+def test_the_tests_import_this_checkouts_package():
+    """An editable install of another clone (a .venv copied or linked between checkouts) would
+    make every test here check that clone's code; quickstart.py re-points it (its stamp holds the
+    checkout's path), and this says so if it did not."""
+    import regioncl
+
+    assert Path(regioncl.__file__).resolve().is_relative_to(ROOT / "regioncl"), (
+        f"regioncl is imported from {regioncl.__file__}, not from this checkout {ROOT}: "
+        "run `python3 workflow/scripts/quickstart.py test` here to re-install it"
+    )

@@ -5,7 +5,8 @@
     python3 workflow/scripts/quickstart.py test   [extra pytest arguments]
 
 The environment is `.venv/` beside the Snakefile, installed from the pinned `requirements.lock`
-plus this package (editable). It is rebuilt only when the lock file or pyproject.toml changes.
+plus this package (editable). It is rebuilt only when the lock file or pyproject.toml changes,
+or the checkout moves.
 Only Python >= 3.11 and its standard library are needed to start.
 """
 
@@ -25,7 +26,9 @@ INSTALL_INPUTS = (ROOT / "requirements.lock", ROOT / "pyproject.toml")
 
 
 def _fingerprint() -> str:
-    digest = hashlib.sha256()
+    # The checkout's path too: a .venv copied or linked from another clone holds an editable
+    # install of that clone, and would run its code here; a new path re-points it.
+    digest = hashlib.sha256(str(ROOT).encode())
     for path in INSTALL_INPUTS:
         digest.update(path.read_bytes())
     return digest.hexdigest()
