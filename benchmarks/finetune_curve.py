@@ -37,6 +37,7 @@ from regioncl.transfer.benchmarks import BenchmarkSettings
 from regioncl.transfer.coco_data import CocoDetection
 from regioncl.transfer.torchvision_eval import coco_metrics, predict
 
+
 def benchmark_settings(configfiles: list[Path], name: str, iterations: int) -> BenchmarkSettings:
     """The resolved benchmark ``name`` of the merged config, its solver stretched to ``iterations``."""
     settings = WorkflowPlan(merged_config_files(configfiles), check_datasets=False).benchmark(name)
